@@ -37,6 +37,8 @@ from typing import Any
 
 import numpy as np
 
+from .errors import SegcoreError
+
 try:  # torch is a runtime dependency of segcore, but keep the numpy path importable alone
     import torch
 except ImportError:  # pragma: no cover - exercised only in stripped-down installs
@@ -53,7 +55,7 @@ __all__ = [
 _SCALAR_KEYS = ("pixel_accuracy", "mean_accuracy", "mean_iou", "fw_iou")
 
 
-class MetricsError(ValueError):
+class MetricsError(SegcoreError, ValueError):
     """Bad input to the metrics code (shapes, dtypes, predictions out of range)."""
 
 
