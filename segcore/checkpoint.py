@@ -1,0 +1,230 @@
+"""Loading DeepLab-v2 checkpoints safely and strictly.
+
+Accepts the state dicts released by kazuto1011/deeplab-pytorch (``base.layer1.conv1.conv.weight``
+...), the same without ``base.`` or with ``module.`` prefixes, ``.safetensors`` files, and the
+checkpoints this project's trainer writes (a dict holding ``state_dict`` and ``meta``).
+
+``.pth`` files are read with ``torch.load(weights_only=True)``: its unpickler only rebuilds tensors
+and plain containers, so a file that would run code on loading is refused before anything runs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import CheckpointError
+from .model import DEFAULT_RATES, MSC, build_model
+
+META_KEY = "segcore"
+"""safetensors metadata key (and dict key in ``.pth`` files) holding the JSON metadata."""
+
+_BLOCK_KEY = re.compile(r"^base\.layer([2-5])\.block(\d+)\.")
+_ASPP_KEY = re.compile(r"^base\.aspp\.c(\d+)\.weight$")
+
+
+@dataclass
+class Checkpoint:
+    """A validated state dict plus whatever the file says about itself."""
+
+    state_dict: dict[str, torch.Tensor]
+    meta: dict = field(default_factory=dict)
+    path: Path | None = None
+
+    @property
+    def n_classes(self) -> int:
+        return int(self.state_dict["base.aspp.c0.weight"].shape[0])
+
+    @property
+    def class_names(self) -> list[str] | None:
+        names = self.meta.get("class_names")
+        return list(names) if names else None
+
+    def architecture(self) -> dict:
+        """Keyword arguments of :func:`build_model` that reproduce this checkpoint's shapes."""
+        sd = self.state_dict
+        blocks = [0, 0, 0, 0]
+        for key in sd:
+            m = _BLOCK_KEY.match(key)
+            if m:
+                stage = int(m.group(1)) - 2
+                blocks[stage] = max(blocks[stage], int(m.group(2)))
+        if min(blocks) == 0:
+            raise CheckpointError(f"{self._where()}: no blocks found for stages {[i + 2 for i, b in enumerate(blocks) if not b]}"
+                                  " (expected keys like base.layer2.block1.reduce.conv.weight)")
+        n_branches = len([k for k in sd if _ASPP_KEY.match(k)])
+        rates = tuple(self.meta.get("atrous_rates") or DEFAULT_RATES[:n_branches])
+        if len(rates) != n_branches:
+            raise CheckpointError(f"{self._where()}: {n_branches} ASPP branches but no atrous rates for them "
+                                  "(the published models have 4: rates 6, 12, 18, 24)")
+        width = []
+        for stage in range(2, 6):
+            key = f"base.layer{stage}.block1.increase.conv.weight"
+            if key not in sd:
+                raise CheckpointError(f"{self._where()}: missing key {key}")
+            width.append(int(sd[key].shape[0]))
+        return {
+            "n_classes": self.n_classes,
+            "n_blocks": tuple(blocks),
+            "atrous_rates": rates,
+            "stride_in_1x1": bool(self.meta.get("stride_in_1x1", True)),
+            "width": tuple(width),
+        }
+
+    def _where(self) -> str:
+        return str(self.path) if self.path else "checkpoint"
+
+
+def normalize_keys(state_dict: dict) -> dict:
+    """Strip ``module.`` prefixes (DataParallel/DDP) and add the ``base.`` prefix where it is missing."""
+    out = {}
+    for key, value in state_dict.items():
+        while key.startswith("module."):
+            key = key[len("module."):]
+        if not key.startswith("base."):
+            key = "base." + key
+        out[key] = value
+    return out
+
+
+def _read_file(path: Path) -> tuple[dict, dict]:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: the file is empty")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta_text = (f.metadata() or {}).get(META_KEY)
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
+        try:
+            meta = json.loads(meta_text) if meta_text else {}
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{path}: its '{META_KEY}' metadata is not valid JSON") from exc
+        return tensors, meta
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - every failure here means "refuse the file"
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        culprit = [ln for ln in lines if "Unsupported global" in ln or "GLOBAL" in ln]
+        msg = (culprit or lines or [type(exc).__name__])[0]
+        if "weights_only" in str(exc) or culprit or "Unpickl" in type(exc).__name__:
+            raise CheckpointError(
+                f"{path}: refused: the file holds Python objects other than tensors (it could run code "
+                f"when unpickled), so it was not loaded. Re-save its state_dict alone. Detail: {msg}") from exc
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({msg})") from exc
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a state dict, found {type(obj).__name__}")
+    meta = {}
+    if "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        meta = obj.get("meta") or obj.get(META_KEY) or {}
+        obj = obj["state_dict"]
+    elif "model" in obj and isinstance(obj["model"], dict):
+        meta = obj.get("meta") or {}
+        obj = obj["model"]
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: its metadata is a {type(meta).__name__}, expected a dict")
+    return obj, meta
+
+
+def read_checkpoint(path: str | Path) -> Checkpoint:
+    """Read a checkpoint file without building a model; refuses anything that is not tensors."""
+    path = Path(path)
+    tensors, meta = _read_file(path)
+    bad = sorted(k for k, v in tensors.items() if not isinstance(v, torch.Tensor))
+    if bad:
+        raise CheckpointError(f"{path}: entries that are not tensors: {', '.join(map(str, bad[:10]))}")
+    state = normalize_keys(tensors)
+    if "base.aspp.c0.weight" not in state:
+        raise CheckpointError(f"{path}: not a DeepLab-v2 checkpoint: no 'base.aspp.c0.weight' "
+                              f"(first keys: {', '.join(list(state)[:5])})")
+    return Checkpoint(state, dict(meta), path)
+
+
+def load_state_strict(model: MSC, state: dict, where: str = "checkpoint") -> None:
+    """Copy ``state`` into ``model``, failing with every missing, unexpected or mis-shaped key listed.
+
+    BatchNorm's ``num_batches_tracked`` counters may be absent (the published files predate them).
+    """
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+              for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or shapes:
+        parts = []
+        for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", shapes)):
+            if items:
+                shown = "\n    ".join(items[:20]) + (f"\n    ... and {len(items) - 20} more" if len(items) > 20 else "")
+                parts.append(f"  {title} ({len(items)}):\n    {shown}")
+        raise CheckpointError(f"{where} does not match the DeepLab-v2 architecture:\n" + "\n".join(parts))
+    full = {k: state.get(k, expected[k]) for k in expected}
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in full.items()}, strict=True)
+
+
+def load_model(checkpoint, *, device="cpu", scales=None) -> MSC:
+    """Build the model a checkpoint describes and load it: fp32, eval mode, on ``device``.
+
+    ``checkpoint`` is a path, a registry name (``voc12``, ``cocostuff164k``, ``cocostuff10k``;
+    fetched into the cache if needed) or a :class:`Checkpoint`.
+    """
+    ckpt = resolve_checkpoint(checkpoint)
+    kwargs = ckpt.architecture()
+    if scales is not None:
+        kwargs["scales"] = tuple(scales)
+    model = build_model(**kwargs)
+    load_state_strict(model, ckpt.state_dict, ckpt._where())
+    model.checkpoint = ckpt.path
+    model.meta = ckpt.meta
+    return model.float().eval().to(device)
+
+
+def resolve_checkpoint(checkpoint) -> Checkpoint:
+    """A :class:`Checkpoint` from a Checkpoint, a file path or a registry name."""
+    if isinstance(checkpoint, Checkpoint):
+        return checkpoint
+    from .weights import REGISTRY
+
+    if isinstance(checkpoint, str) and checkpoint in REGISTRY:
+        weights = REGISTRY[checkpoint]
+        ckpt = read_checkpoint(weights.fetch())
+        ckpt.meta.setdefault("class_names", list(weights.label_space().class_names))
+        ckpt.meta.setdefault("label_space", weights.label_space_name)
+        return ckpt
+    path = Path(checkpoint)
+    if not path.exists() and isinstance(checkpoint, str) and "/" not in checkpoint and "." not in checkpoint:
+        raise CheckpointError(f"unknown weights '{checkpoint}': not a file, and not one of {', '.join(REGISTRY)}")
+    return read_checkpoint(path)
+
+
+def save_checkpoint(path: str | Path, state_dict: dict, meta: dict | None = None) -> Path:
+    """Write a checkpoint ``load_model`` reads: ``.safetensors`` or a tensors-only ``.pth``, atomically."""
+    import os
+    import tempfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = dict(meta or {})
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+        if path.suffix == ".safetensors":
+            from safetensors.torch import save_file
+
+            save_file(tensors, tmp, metadata={META_KEY: json.dumps(meta)})
+        else:
+            torch.save({"state_dict": tensors, "meta": meta}, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path

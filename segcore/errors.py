@@ -1,0 +1,17 @@
+"""Error types: each says which file is at fault and what is wrong with it."""
+
+
+class SegcoreError(Exception):
+    """Base class of every error segcore raises on bad input."""
+
+
+class CheckpointError(SegcoreError):
+    """A checkpoint is unsafe, unreadable or does not match the architecture."""
+
+
+class ImageError(SegcoreError):
+    """An image cannot be decoded or is outside the accepted sizes."""
+
+
+class DownloadError(SegcoreError):
+    """Weights could not be fetched; the message says where to put the file by hand."""

@@ -1,0 +1,68 @@
+"""Things tests build for themselves: random DeepLab weights, tiny checkpoints, synthetic images."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+TINY_BLOCKS = (1, 1, 1, 1)
+TINY_WIDTH = (16, 32, 64, 128)
+TINY_CH = (4, 16, 32, 64, 128)  # stem + stages, the reference transcription's ``ch``
+
+
+def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Fill every parameter and BatchNorm buffer with seeded random values that keep activations finite.
+
+    Conv weights use He scaling; BatchNorm gets non-trivial statistics and affine terms, so a test
+    that swapped mean and variance, or skipped BN, would see different logits.
+    """
+    g = torch.Generator().manual_seed(seed)
+    state = module.state_dict()
+    out = {}
+    for key, value in state.items():
+        if key.endswith("num_batches_tracked"):
+            out[key] = value
+        elif key.endswith("running_var"):
+            out[key] = torch.rand(value.shape, generator=g) * 1.5 + 0.5
+        elif key.endswith("running_mean"):
+            out[key] = torch.randn(value.shape, generator=g) * 0.1
+        elif ".bn.weight" in key:
+            out[key] = torch.rand(value.shape, generator=g) * 0.5 + 0.5
+        elif ".bn.bias" in key or key.endswith(".bias"):
+            out[key] = torch.randn(value.shape, generator=g) * 0.1
+        else:
+            fan_in = value[0].numel()
+            out[key] = torch.randn(value.shape, generator=g) * (2.0 / fan_in) ** 0.5
+    module.load_state_dict(out)
+    return module
+
+
+def tiny_model(n_classes: int = 21, seed: int = 0, scales=(0.5, 0.75)):
+    from segcore import build_model
+
+    return randomize_(build_model(n_classes, n_blocks=TINY_BLOCKS, width=TINY_WIDTH, scales=scales), seed)
+
+
+def tiny_checkpoint(path, n_classes: int = 21, seed: int = 0, meta: dict | None = None):
+    """Write a tiny random checkpoint in the published key layout (``base.layer...``) and return its path."""
+    from segcore.checkpoint import save_checkpoint
+
+    model = tiny_model(n_classes, seed)
+    if meta is None:
+        torch.save(model.state_dict(), path)
+        return path
+    return save_checkpoint(path, model.state_dict(), meta)
+
+
+def scene_image(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """A smooth synthetic RGB photo stand-in: gradients plus a few coloured discs and boxes."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    img = np.stack([xx / w * 200 + 30, yy / h * 180 + 40, (xx + yy) / (h + w) * 150 + 60], -1)
+    for _ in range(5):
+        cy, cx = rng.uniform(0, h), rng.uniform(0, w)
+        r = rng.uniform(0.1, 0.3) * min(h, w)
+        mask = (yy - cy) ** 2 + (xx - cx) ** 2 < r * r
+        img[mask] = rng.uniform(0, 255, 3)
+    img += rng.normal(0, 4, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
