@@ -114,7 +114,7 @@ def _read_file(path: Path) -> tuple[dict, dict]:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - every failure here means "refuse the file"
         lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-        culprit = [ln for ln in lines if "Unsupported global" in ln or "GLOBAL" in ln]
+        culprit = [ln for ln in lines if ln.startswith("Unsupported") or "GLOBAL" in ln]
         msg = (culprit or lines or [type(exc).__name__])[0]
         if "weights_only" in str(exc) or culprit or "Unpickl" in type(exc).__name__:
             raise CheckpointError(

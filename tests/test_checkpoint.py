@@ -87,12 +87,14 @@ def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path):
     sd["payload"] = _RunsCode(marker)
     for name, save in (("zip.pth", lambda o, p: torch.save(o, p)),
                        ("legacy.pth", lambda o, p: torch.save(o, p, _use_new_zipfile_serialization=False)),
-                       ("raw.pkl", lambda o, p: p.write_bytes(pickle.dumps(o)))):
+                       ("raw.pkl", lambda o, p: p.write_bytes(pickle.dumps(o, protocol=2))),
+                       ("raw4.pkl", lambda o, p: p.write_bytes(pickle.dumps(o, protocol=4)))):
         path = tmp_path / name
         save(sd, path)
         with pytest.raises(CheckpointError, match="refused") as err:
             load_model(path)
-        assert "posix.system" in str(err.value) or "os.system" in str(err.value)
+        if name != "raw4.pkl":  # protocol 4 is stopped at its framing opcode, before any global is named
+            assert "posix.system" in str(err.value) or "os.system" in str(err.value)
         assert not marker.exists()
 
 
