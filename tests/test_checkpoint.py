@@ -93,7 +93,7 @@ def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path):
         save(sd, path)
         with pytest.raises(CheckpointError, match="refused") as err:
             load_model(path)
-        if name != "raw4.pkl":  # protocol 4 is stopped at its framing opcode, before any global is named
+        if name.endswith(".pth"):  # raw pickles are stopped earlier, at the tensors' own storage global
             assert "posix.system" in str(err.value) or "os.system" in str(err.value)
         assert not marker.exists()
 
