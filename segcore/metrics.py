@@ -119,7 +119,7 @@ def _numpy_hist(gt: np.ndarray, pred: np.ndarray, n: int, ignore_index: int, nam
 
 
 def _torch_hist(gt, pred, n: int, ignore_index: int):
-    """Per-image matrix on gt's device plus device-side bad-prediction stats (no sync)."""
+    """Per-image matrix on an accelerator plus device-side bad-prediction stats (no sync)."""
     gt = gt.reshape(-1).to(torch.int64)
     pred = pred.reshape(-1).to(torch.int64)
     valid = (gt >= 0) & (gt < n)
@@ -128,13 +128,10 @@ def _torch_hist(gt, pred, n: int, ignore_index: int):
     bad = valid & ((pred < 0) | (pred >= n))
     ok = valid & ~bad
     idx = torch.where(ok, gt * n + pred, torch.full_like(gt, n * n))
-    if idx.is_cuda:
-        # torch.bincount reads the maximum back to the host to size its output; a
-        # scatter into a fixed-size histogram stays on the device.
-        hist = torch.zeros(n * n + 1, dtype=torch.int64, device=idx.device)
-        hist.scatter_add_(0, idx, torch.ones_like(idx))
-    else:
-        hist = torch.bincount(idx, minlength=n * n + 1)
+    # torch.bincount reads the maximum back to the host to size its output; a
+    # scatter into a fixed-size histogram stays on the device.
+    hist = torch.zeros(n * n + 1, dtype=torch.int64, device=idx.device)
+    hist.scatter_add_(0, idx, torch.ones_like(idx))
     hist = hist[: n * n].view(n, n)
     big = torch.iinfo(torch.int64).max
     bad_count = bad.sum()
@@ -302,20 +299,26 @@ class ConfusionMatrix:
         _check_pair(gt, pred, name)
         n = self.n_classes
         if _is_tensor(gt) or _is_tensor(pred):
-            device = gt.device if _is_tensor(gt) else pred.device
+            devices = [x.device for x in (gt, pred) if _is_tensor(x)]
+            device = next((d for d in devices if d.type != "cpu"), devices[0])
             gt_t = gt if _is_tensor(gt) else torch.from_numpy(np.asarray(gt))
             pred_t = pred if _is_tensor(pred) else torch.from_numpy(np.asarray(pred))
             gt_t = gt_t.to(device)
             pred_t = pred_t.to(device)
-            hist, bad_count, bad_min, bad_max = _torch_hist(gt_t, pred_t, n, self.ignore_index)
-            if device.type == "cuda":
+            if device.type == "cpu":
+                # CPU tensors share memory with numpy; np.bincount is the faster counter.
+                hist = torch.from_numpy(
+                    _numpy_hist(gt_t.detach().numpy(), pred_t.detach().numpy(), n, self.ignore_index, name)
+                )
+            else:
+                hist, bad_count, bad_min, bad_max = _torch_hist(gt_t, pred_t, n, self.ignore_index)
                 self._bad_count = bad_count + self._bad_count
                 if bad_min is not None:
-                    self._bad_min = bad_min if self._bad_min is None else torch.minimum(self._bad_min, bad_min.to(self._bad_min.device))
-                    self._bad_max = bad_max if self._bad_max is None else torch.maximum(self._bad_max, bad_max.to(self._bad_max.device))
-            elif int(bad_count):
-                values = np.unique(pred_t.reshape(-1)[_torch_bad_mask(gt_t, pred_t, n, self.ignore_index)].numpy())
-                raise MetricsError(_bad_values_message(values, n, int(bad_count), name))
+                    if self._bad_min is None:
+                        self._bad_min, self._bad_max = bad_min, bad_max
+                    else:
+                        self._bad_min = torch.minimum(self._bad_min, bad_min.to(self._bad_min.device))
+                        self._bad_max = torch.maximum(self._bad_max, bad_max.to(self._bad_max.device))
         else:
             hist = _numpy_hist(np.asarray(gt), np.asarray(pred), n, self.ignore_index, name)
         self._add(hist)
@@ -394,11 +397,3 @@ class ConfusionMatrix:
     def __repr__(self) -> str:
         return f"ConfusionMatrix(n_classes={self.n_classes}, ignore_index={self.ignore_index}, device={self.device})"
 
-
-def _torch_bad_mask(gt, pred, n: int, ignore_index: int):
-    gt = gt.reshape(-1)
-    pred = pred.reshape(-1)
-    valid = (gt >= 0) & (gt < n)
-    if 0 <= ignore_index < n:
-        valid &= gt != ignore_index
-    return valid & ((pred < 0) | (pred >= n))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from segcore.metrics import ConfusionMatrix, MetricsError, compute_scores, image_scores, to_json_dict
+from segcore.metrics import ConfusionMatrix, MetricsError, _torch_hist, compute_scores, image_scores, to_json_dict
 
 # ---------------------------------------------------------------- hand-computed cases
 
@@ -444,6 +444,27 @@ def test_all_reduce_over_two_gloo_processes_matches_one_process(tmp_path, use_to
 
 
 # ---------------------------------------------------------------- CUDA
+
+
+def test_device_counting_path_on_cpu_tensors():
+    """The sync-free counter used on CUDA, exercised on CPU so it is tested without a GPU."""
+    n = 7
+    gts, preds = _random_set(n, n_images=2, shape=(17, 19), seed=4)
+    gt, pred = torch.from_numpy(np.stack(gts)), torch.from_numpy(np.stack(preds))
+    pred[0, 0, :3] = torch.tensor([9, -4, 7])
+    gt[0, 0, :3] = torch.tensor([1, 2, 255])  # the third bad value sits on an ignored pixel
+    hist, count, lo, hi = _torch_hist(gt, pred, n, 255)
+    ok = pred.clone()
+    ok[0, 0, :2] = 0
+    expected = _loop_matrix([gt.numpy()], [ok.numpy()], n)
+    expected[1, 0] -= 1
+    expected[2, 0] -= 1
+    np.testing.assert_array_equal(hist.numpy(), expected)
+    assert (int(count), int(lo), int(hi)) == (2, -4, 9)
+    hist, count, _, _ = _torch_hist(gt[1], torch.from_numpy(preds[1]), n, 255)
+    assert int(count) == 0
+    np.testing.assert_array_equal(hist.numpy(), _loop_matrix([gts[1]], [preds[1]], n))
+
 
 
 @pytest.mark.gpu
