@@ -1,0 +1,49 @@
+"""labelme annotations -> DeepLab training data (numpy + Pillow + standard library only).
+
+See docs/annotations.md.
+"""
+
+from .archive import DEFAULT_MAX_BYTES, DEFAULT_MAX_FILES, safe_extract_zip
+from .convert import (
+    ConversionReport,
+    ConvertedImage,
+    LoadedDataset,
+    convert_file,
+    convert_folder,
+    find_label_files,
+    load_labelme_dataset,
+)
+from .errors import (
+    AnnotationError,
+    ImageLoadError,
+    LabelmeFormatError,
+    LabelSpaceError,
+    MappingError,
+    OutputExistsError,
+    UnknownLabelError,
+    UnsafeArchiveError,
+)
+from .label_spaces import (
+    IGNORE_INDEX,
+    LabelSpace,
+    colorize,
+    get_label_space,
+    normalize_name,
+    voc_colormap,
+)
+from .mapping import LabelMapping
+from .rasterize import rasterize, shape_to_mask
+from .reader import Issue, LabelmeFile, Shape, apply_exif_orientation, read_labelme
+
+VOC = get_label_space("voc")
+COCOSTUFF = get_label_space("cocostuff")
+
+__all__ = [
+    "AnnotationError", "COCOSTUFF", "ConversionReport", "ConvertedImage", "DEFAULT_MAX_BYTES",
+    "DEFAULT_MAX_FILES", "IGNORE_INDEX", "ImageLoadError", "Issue", "LabelMapping", "LabelSpace",
+    "LabelSpaceError", "LabelmeFile", "LabelmeFormatError", "LoadedDataset", "MappingError",
+    "OutputExistsError", "Shape", "UnknownLabelError", "UnsafeArchiveError", "VOC",
+    "apply_exif_orientation", "colorize", "convert_file", "convert_folder", "find_label_files",
+    "get_label_space", "load_labelme_dataset", "normalize_name", "rasterize", "read_labelme",
+    "safe_extract_zip", "shape_to_mask", "voc_colormap",
+]

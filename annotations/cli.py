@@ -1,0 +1,74 @@
+"""``python -m annotations convert INPUT OUTPUT --labels voc|cocostuff|FILE ...``"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from .archive import DEFAULT_MAX_BYTES, DEFAULT_MAX_FILES
+from .convert import convert_folder
+from .errors import AnnotationError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m annotations", description="labelme -> VOC-style dataset")
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("convert", help="convert labelme JSON files into a VOC-style dataset folder")
+    c.add_argument("input", nargs="+", help="a folder (recursive), JSON file(s), or a .zip of a folder")
+    c.add_argument("output", help="output dataset folder (must not exist unless --overwrite)")
+    c.add_argument("--labels", default="voc", help="voc, cocostuff, or a labelme2voc labels.txt (default: voc)")
+    c.add_argument("--map", dest="mapping", help="YAML or JSON mapping file: annotation name -> label name")
+    c.add_argument("--unknown", choices=("error", "ignore"), default="error",
+                   help="unknown labels fail their file (error, default) or become 255 (ignore)")
+    c.add_argument("--unlabeled", choices=("auto", "background", "ignore"), default="auto",
+                   help="unannotated pixels: background (0) or ignore (255); auto = background if the "
+                        "label space has one (VOC), else ignore (COCO-Stuff)")
+    c.add_argument("--strip-suffix", action="store_true",
+                   help="map 'person-2' / 'person_2' to 'person' when the full name is unknown")
+    c.add_argument("--instances", action="store_true", help="also write SegmentationObject/")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing output dataset")
+    c.add_argument("--workers", type=int, default=None, help="worker processes (default: number of cores)")
+    c.add_argument("--max-zip-bytes", type=int, default=DEFAULT_MAX_BYTES, help="cap on unpacked zip size")
+    c.add_argument("--max-zip-files", type=int, default=DEFAULT_MAX_FILES, help="cap on zip entries")
+    c.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from .mapping import LabelMapping
+
+    inputs = args.input[0] if len(args.input) == 1 else list(args.input)
+    bar = None
+    progress = None
+    if not args.quiet:
+        try:
+            from tqdm import tqdm
+        except ImportError:  # pragma: no cover - tqdm is optional
+            tqdm = None
+        if tqdm is not None:
+            def progress(done: int, total: int) -> None:
+                nonlocal bar
+                if bar is None:
+                    bar = tqdm(total=total, unit="img", desc="converting", file=sys.stderr)
+                bar.update(1)
+    try:
+        mapping = LabelMapping.from_file(args.mapping) if args.mapping else LabelMapping()
+        if args.strip_suffix:
+            mapping.strip_instance_suffix = True
+        report = convert_folder(inputs, args.output, args.labels, mapping=mapping, unknown=args.unknown,
+                                unlabeled=args.unlabeled, instances=args.instances, overwrite=args.overwrite,
+                                workers=args.workers, max_zip_bytes=args.max_zip_bytes,
+                                max_zip_files=args.max_zip_files, progress=progress)
+    except (AnnotationError, ValueError) as e:
+        if bar is not None:
+            bar.close()
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if bar is not None:
+        bar.close()
+    print(report.summary())
+    print(f"dataset written to {os.fspath(args.output)} (report: {os.path.join(args.output, 'report.json')})")
+    return 0 if report.ok else 1
