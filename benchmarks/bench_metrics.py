@@ -162,7 +162,8 @@ def _run_child(method: str, n_classes: int, n_images: int, repeats: int) -> dict
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("OMP_NUM_THREADS", "1")
     out = subprocess.run(
-        [sys.executable, "-m", "benchmarks.bench_metrics", "--child", method, str(n_classes), str(n_images), str(repeats)],
+        [sys.executable, "-m", "benchmarks.bench_metrics", "--child", method]
+        + [str(n_classes), str(n_images), str(repeats)],
         cwd=ROOT,
         env=env,
         capture_output=True,

@@ -197,7 +197,9 @@ def compute_scores(matrix: Any) -> dict:
     }
 
 
-def image_scores(gt: Any, pred: Any, n_classes: int, ignore_index: int = 255, *, name: str | None = None) -> dict:
+def image_scores(
+    gt: Any, pred: Any, n_classes: int, ignore_index: int = 255, *, name: str | None = None
+) -> dict:
     """Pixel accuracy and mean IoU of one image (to rank the worst images).
 
     Same definitions as :func:`compute_scores` on the image's own confusion
@@ -395,5 +397,8 @@ class ConfusionMatrix:
         return to_json_dict(self.compute())
 
     def __repr__(self) -> str:
-        return f"ConfusionMatrix(n_classes={self.n_classes}, ignore_index={self.ignore_index}, device={self.device})"
+        return (
+            f"ConfusionMatrix(n_classes={self.n_classes}, ignore_index={self.ignore_index}, "
+            f"device={self.device})"
+        )
 

@@ -11,7 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from segcore.metrics import ConfusionMatrix, MetricsError, _torch_hist, compute_scores, image_scores, to_json_dict
+from segcore.metrics import (
+    ConfusionMatrix,
+    MetricsError,
+    _torch_hist,
+    compute_scores,
+    image_scores,
+    to_json_dict,
+)
 
 # ---------------------------------------------------------------- hand-computed cases
 
@@ -436,7 +443,8 @@ def test_all_reduce_over_two_gloo_processes_matches_one_process(tmp_path, use_to
     n = 5
     gts, preds = _random_set(n, n_images=5, seed=5)
     init_method = f"tcp://127.0.0.1:{_free_port()}"
-    mp.spawn(_gloo_worker, args=(2, init_method, n, gts, preds, use_torch, str(tmp_path)), nprocs=2, join=True)
+    args = (2, init_method, n, gts, preds, use_torch, str(tmp_path))
+    mp.spawn(_gloo_worker, args=args, nprocs=2, join=True)
     expected = _ours(gts, preds, n)
     for rank in range(2):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())

@@ -234,7 +234,9 @@ def test_write_report_without_checkpoint_or_images(tmp_path, scores):
     with open(paths["per_image_csv"], newline="") as f:
         assert list(csv.reader(f))[0][:1] == ["image"]
     with pytest.raises(ValueError, match="not found"):
-        write_report(tmp_path, scores, NAMES, PALETTE, options={}, checkpoint=tmp_path / "nope.pth", per_image=[])
+        write_report(
+            tmp_path, scores, NAMES, PALETTE, options={}, checkpoint=tmp_path / "nope.pth", per_image=[]
+        )
 
 
 def test_report_accepts_metrics_output(tmp_path):
