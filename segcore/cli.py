@@ -1,0 +1,62 @@
+"""``python -m segcore``: one parser, one subcommand per module.
+
+Each command module defines ``add_arguments(parser)`` and ``run(args) -> int`` (the exit code), so
+shared set-up (device, weights, logging) lives here once instead of in every command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = {
+    "predict": ("segcore.cli_predict", "segment images and write palette masks and overlays"),
+}
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
+    """Options every model-running command shares."""
+    parser.add_argument("--weights", required=required,
+                        help="registry name (voc12, cocostuff164k, cocostuff10k) or checkpoint path")
+    parser.add_argument("--crf", action="store_true", help="refine with the dense CRF")
+    parser.add_argument("--scales", type=float, nargs="*", default=None,
+                        help="extra input scales besides 1.0 (default 0.5 0.75; none for single scale)")
+    parser.add_argument("--test-size", type=int, default=513, help="long side the image is resized to")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    parser.add_argument("--labels", default=None, help="label set for a checkpoint without names: voc, cocostuff or FILE")
+
+
+def segmenter_from_args(args):
+    from .segmenter import Segmenter
+    from .model import DEFAULT_SCALES
+
+    scales = DEFAULT_SCALES if args.scales is None else tuple(args.scales)
+    return Segmenter.from_pretrained(args.weights, scales=scales, crf=args.crf, test_size=args.test_size,
+                                     device=args.device, precision=args.precision, label_space=args.labels)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m segcore", description="DeepLab-v2 semantic segmentation")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        mod = importlib.import_module(module)
+        mod.add_arguments(command)
+        command.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv=None) -> int:
+    from .errors import SegcoreError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except SegcoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
