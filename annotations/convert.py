@@ -400,11 +400,16 @@ def load_labelme_dataset(input: str | Path | Sequence[str | Path], label_space: 
 
 # ----------------------------------------------------------------------------- writing
 
-def _visualize(image: np.ndarray, cls: np.ndarray, space: LabelSpace) -> np.ndarray:
-    colour = space.palette[cls]
-    blend = (image.astype(np.uint16) + colour.astype(np.uint16)) >> 1
-    keep = cls == (space.background_index if space.background_index is not None else space.ignore_index)
-    return np.where(keep[..., None], image, blend.astype(np.uint8))
+def _visualize(image: Image.Image, cls_img: Image.Image, space: LabelSpace) -> Image.Image:
+    """50% blend of the image with the class colours; background (or, without a background
+    class, ignore) pixels keep the image. All in Pillow's C code."""
+    base = image if image.mode == "RGB" else image.convert("RGB")
+    colour = cls_img.convert("RGB")
+    keep = space.background_index if space.background_index is not None else space.ignore_index
+    lut = [255] * 256
+    lut[keep] = 0
+    mask = Image.frombytes("L", cls_img.size, cls_img.tobytes()).point(lut)
+    return Image.composite(Image.blend(base, colour, 0.5), base, mask)
 
 
 def _jpeg_bytes(lf: LabelmeFile, rgb: np.ndarray) -> bytes:
@@ -423,24 +428,25 @@ def _jpeg_bytes(lf: LabelmeFile, rgb: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _save_label_png(path: Path, lbl: np.ndarray, palette: np.ndarray) -> None:
+def _label_image(lbl: np.ndarray, palette: np.ndarray) -> Image.Image:
     img = Image.frombytes("P", (lbl.shape[1], lbl.shape[0]), np.ascontiguousarray(lbl, dtype=np.uint8).tobytes())
     img.putpalette(palette[:256].reshape(-1).tolist())
-    img.save(path, format="PNG", compress_level=1)
+    return img
 
 
 def _write_outputs(out: Path, lf: LabelmeFile, conv: ConvertedImage, opt: _Options) -> None:
     name = conv.name
     (out / "JPEGImages" / f"{name}.jpg").write_bytes(_jpeg_bytes(lf, conv.image))
-    _save_label_png(out / "SegmentationClass" / f"{name}.png", conv.class_map, opt.space.palette)
-    viz = _visualize(conv.image, conv.class_map, opt.space)
-    Image.fromarray(viz).save(out / "SegmentationClassVisualization" / f"{name}.jpg", quality=90)
+    cls_img = _label_image(conv.class_map, opt.space.palette)
+    cls_img.save(out / "SegmentationClass" / f"{name}.png", format="PNG", compress_level=1)
+    base = lf.image if lf.image.mode == "RGB" else Image.fromarray(conv.image)
+    _visualize(base, cls_img, opt.space).save(out / "SegmentationClassVisualization" / f"{name}.jpg", quality=90)
     if conv.instance_map is not None:
         ins = conv.instance_map
         path = out / "SegmentationObject" / f"{name}.png"
         if ins.max(initial=0) < 255:
             from .label_spaces import voc_colormap
-            _save_label_png(path, ins.astype(np.uint8), voc_colormap(256))
+            _label_image(ins.astype(np.uint8), voc_colormap(256)).save(path, format="PNG", compress_level=1)
         else:  # more than 254 instances: 16-bit grey PNG
             Image.fromarray(ins.astype(np.uint16)).save(path, format="PNG")
 

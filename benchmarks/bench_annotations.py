@@ -1,0 +1,108 @@
+"""labelme -> VOC conversion throughput: ours (``annotations.convert_folder``, workers = cores)
+against labelme 6.3.1's reference loop, side by side on the same generated folder.
+
+Reference (labelme2voc-style, one process): ``labelme.LabelFile`` -> ``utils.img_data_to_arr``
+-> ``utils.shapes_to_label`` -> ``imgviz.io.lblsave`` (palette PNG). Ours writes more
+(original/re-encoded JPEG, palette PNG, visualisation JPEG, report.json).
+
+Folder: VOC-sized 500x375 images, 12 shapes of every type per file, half embedded as base64,
+half referenced PNG/JPEG files. Medians over repeats after one warm-up pass.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _reference(files: list[Path], out: Path) -> None:
+    import imgviz
+    import labelme
+
+    from labelme_fixtures import LABELME_VOC_NAME_TO_ID
+
+    out.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        lf = labelme.LabelFile(filename=str(f))
+        img = labelme.utils.img_data_to_arr(lf.image_data)
+        cls, _ = labelme.utils.shapes_to_label(img_shape=img.shape, shapes=lf.shapes,
+                                               label_name_to_value=LABELME_VOC_NAME_TO_ID)
+        # imgviz 2.x's lblsave wants uint8; -1 (__ignore__) becomes 255 as in older labelme lblsave
+        imgviz.io.lblsave(str(out / f"{f.stem}.png"), cls.astype("uint8"))
+
+
+def _ours(src: Path, out: Path, workers: int) -> None:
+    import annotations
+
+    rep = annotations.convert_folder(src, out, "voc", workers=workers, overwrite=True)
+    assert rep.ok, rep.errors[:3]
+
+
+def _time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def run(quick: bool) -> dict:
+    os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+    for p in (str(ROOT), str(ROOT / "tests")):
+        if p not in sys.path:
+            sys.path.insert(0, p)
+    import logging
+
+    try:
+        from loguru import logger  # labelme logs every image load at DEBUG
+
+        logger.remove()
+    except ImportError:  # pragma: no cover
+        pass
+    logging.disable(logging.WARNING)
+    from labelme_fixtures import generate_folder
+
+    n = 16 if quick else 64
+    repeats = 2 if quick else 3
+    workers = os.cpu_count() or 1
+    tmp = Path(tempfile.mkdtemp(prefix="bench-annotations-"))
+    try:
+        src = tmp / "src"
+        files = generate_folder(src, n, seed=0, size=(500, 375), n_shapes=12)
+        # warm-up (imports, page cache)
+        _reference(files[:2], tmp / "warm_ref")
+        _ours(src, tmp / "warm_ours", workers)
+        t_ref = _time(lambda: _reference(files, tmp / "ref"), repeats)
+        t_ours = _time(lambda: _ours(src, tmp / "ours", workers), repeats)
+        t_ours1 = _time(lambda: _ours(src, tmp / "ours1", 1), repeats)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {
+        "images": n,
+        "image_size": [500, 375],
+        "shapes_per_image": 12,
+        "workers": workers,
+        "labelme_reference_images_per_s": round(n / t_ref, 2),
+        "ours_images_per_s": round(n / t_ours, 2),
+        "ours_single_worker_images_per_s": round(n / t_ours1, 2),
+        "speedup_vs_labelme": round(t_ref / t_ours, 2),
+        "speedup_single_worker_vs_labelme": round(t_ref / t_ours1, 2),
+        "goal_speedup": 2.0,
+        "machine": {"python": platform.python_version(), "cpu_count": os.cpu_count(),
+                    "platform": platform.platform()},
+    }
+
+
+if __name__ == "__main__":  # pragma: no cover
+    import json
+
+    print(json.dumps(run("--quick" in sys.argv), indent=2))
