@@ -4,11 +4,25 @@ from .checkpoint import Checkpoint, load_model, read_checkpoint, save_checkpoint
 from .crf import DenseCRF
 from .errors import CheckpointError, DownloadError, ImageError, SegcoreError
 from .image import load_image, resize_long_side
+from .metrics import ConfusionMatrix, MetricsError, compute_scores, image_scores, to_json_dict
 from .model import BGR_MEAN, MSC, DeepLabV2, ModelConfig, build_model, msc_forward
 from .segmenter import Prediction, Segmenter, palette_image
 from .weights import REGISTRY, Weights, cache_dir, download
 
-__all__ = [
+_REPORT = ("ReportError", "class_iou_figure", "confusion_figure", "format_score_table", "sha256_file",
+           "write_report")
+
+
+def __getattr__(name):
+    # the report helpers pull in plotly; import them only when asked for
+    if name in _REPORT:
+        from . import report
+
+        return getattr(report, name)
+    raise AttributeError(f"module 'segcore' has no attribute {name!r}")
+
+
+__all__ = [*_REPORT, "ConfusionMatrix", "MetricsError", "compute_scores", "image_scores", "to_json_dict",
     "BGR_MEAN", "MSC", "REGISTRY", "Checkpoint", "CheckpointError", "DeepLabV2", "DenseCRF", "DownloadError",
     "ImageError", "ModelConfig", "Prediction", "SegcoreError", "Segmenter", "Weights", "build_model",
     "cache_dir", "download", "load_image", "load_model", "msc_forward", "palette_image", "read_checkpoint",
