@@ -16,13 +16,13 @@ VOC_LABELS = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "c
 LABELME_VOC_NAME_TO_ID = {"__ignore__": -1, "_background_": 0, **{n: i + 1 for i, n in enumerate(VOC_LABELS)}}
 
 
-def make_image(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
-    """A smooth-ish RGB image (gradients + noise)."""
+def make_image(rng: np.random.Generator, width: int, height: int, noise: int = 40) -> np.ndarray:
+    """A smooth-ish RGB image (gradients + uniform noise of amplitude ``noise``)."""
     yy, xx = np.mgrid[0:height, 0:width]
     base = np.stack([xx * 255 // max(width - 1, 1), yy * 255 // max(height - 1, 1),
                      (xx + yy) * 255 // max(width + height - 2, 1)], axis=-1)
-    noise = rng.integers(0, 40, size=(height, width, 3))
-    return np.clip(base + noise, 0, 255).astype(np.uint8)
+    jitter = rng.integers(0, max(noise, 1), size=(height, width, 3))
+    return np.clip(base + jitter, 0, 255).astype(np.uint8)
 
 
 def encode_image(arr: np.ndarray, fmt: str = "PNG", **kw) -> bytes:
@@ -131,13 +131,13 @@ def write_labelme(path: Path, shapes: list[dict], image: np.ndarray, *, embed: b
 
 
 def generate_folder(root: Path, n_files: int, seed: int = 0, size=(160, 120), n_shapes: int = 12,
-                    embed_every: int = 2) -> list[Path]:
+                    embed_every: int = 2, noise: int = 40) -> list[Path]:
     """A folder of random labelme files (half embedded, half referencing PNG/JPEG files)."""
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n_files):
         w, h = size
-        img = make_image(rng, w, h)
+        img = make_image(rng, w, h, noise)
         shapes = random_annotation(rng, w, h, n_shapes)
         embed = i % embed_every == 0
         fmt = "JPEG" if i % 3 == 1 else "PNG"
