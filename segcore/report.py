@@ -357,11 +357,28 @@ table.scores td {{ text-align: right; font-variant-numeric: tabular-nums; }}
 Mean Accuracy, Mean IoU and Frequency Weighted IoU average over the classes that occur in
 the ground truth; classes with no ground-truth pixels are reported as absent (not as 0 and
 not inside the means).</p>
+{_failures_html(meta.get("failures") or [])}
 {parts[0]}
 {''.join(parts[1:])}
 </body>
 </html>
 """
+
+
+def _failures_html(failures: list[dict]) -> str:
+    if not failures:
+        return ""
+    rows = "\n".join(
+        f"<tr><td>{html.escape(str(f.get('file', '')))}</td>"
+        f"<td>{html.escape(str(f.get('reason', '')))}</td></tr>"
+        for f in failures
+    )
+    return (
+        f'<h2 class="failures">{len(failures)} file(s) could not be evaluated</h2>\n'
+        '<p class="note">They are not inside the scores above.</p>\n'
+        f'<table class="scores failures"><thead><tr><th>File</th><th>Reason</th></tr></thead>\n'
+        f"<tbody>\n{rows}\n</tbody></table>"
+    )
 
 
 def write_report(
@@ -373,6 +390,8 @@ def write_report(
     options: dict,
     checkpoint: str | os.PathLike | None,
     per_image: Iterable[dict],
+    failures: Iterable[dict] | None = None,
+    extra: dict | None = None,
 ) -> dict[str, Path]:
     """Write ``scores.json``, ``per_class.csv``, ``per_image.csv`` and ``report.html``.
 
@@ -382,6 +401,11 @@ def write_report(
     image name plus :func:`segcore.metrics.image_scores`) are written worst
     ``mean_iou`` first, rows without a score last.  ``report.html`` is one
     self-contained file with both figures and the four scores.
+
+    ``failures`` (dicts with ``file`` and ``reason``, e.g. images that could not be read), when
+    given, go into ``scores.json`` under ``failures`` and into a table of the HTML report, so
+    nothing skipped is silent; ``extra`` (a dict) adds further top-level keys to ``scores.json``
+    (e.g. a summary); it never replaces a key written above.
 
     Returns ``{"scores_json", "per_class_csv", "per_image_csv", "report_html"}`` paths.
     """
@@ -403,6 +427,11 @@ def write_report(
     doc["options"] = options
     doc["checkpoint"] = ck_info
     doc["date"] = date
+    failure_list = [dict(f) for f in (failures or ())]
+    if failures is not None:
+        doc["failures"] = failure_list
+    for key, value in (extra or {}).items():
+        doc.setdefault(key, value)
     doc = to_json_dict(doc)
 
     paths = {
@@ -418,6 +447,6 @@ def write_report(
     _write_per_image(paths["per_image_csv"], per_image)
 
     figs = [class_iou_figure(scores, names, palette), confusion_figure(scores, names)]
-    page = _html_page(scores, figs, {"date": date, "checkpoint": ck_info})
+    page = _html_page(scores, figs, {"date": date, "checkpoint": ck_info, "failures": failure_list})
     paths["report_html"].write_text(page, encoding="utf-8")
     return paths
