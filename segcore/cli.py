@@ -12,6 +12,7 @@ import sys
 
 COMMANDS = {
     "predict": ("segcore.cli_predict", "segment images and write palette masks and overlays"),
+    "evaluate": ("segcore.cli_evaluate", "score a model or stored masks on a dataset and write the report"),
 }
 
 

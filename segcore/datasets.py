@@ -125,8 +125,8 @@ def read_label(path, *, what: str = "label") -> np.ndarray:
         return arr.astype(np.uint8)
     if mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):
         return _to_uint8(arr, path, what)
-    raise DatasetError(f"{path}: the {what} image is mode {mode!r}; it must be a palette (P) or grayscale (L) "
-                       "PNG holding class indices (colour masks are not decoded into classes)")
+    raise DatasetError(f"{path}: the {what} image is mode {mode!r}; it must be a palette (P) or "
+                       "grayscale (L) PNG holding class indices (colour masks are not decoded into classes)")
 
 
 def _to_uint8(arr: np.ndarray, path, what: str) -> np.ndarray:
@@ -141,14 +141,14 @@ def _to_uint8(arr: np.ndarray, path, what: str) -> np.ndarray:
 
 
 def read_cocostuff10k_label(path) -> np.ndarray:
-    """COCO-Stuff 10k ``.mat`` label (key "S", 0 = unlabeled) shifted as the reference does: S - 1, 0 → 255."""
+    """COCO-Stuff 10k ``.mat`` label (key "S", 0 = unlabeled) shifted like the reference: S - 1, 0 → 255."""
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"{path}: label file not found")
     try:
         import scipy.io
     except ImportError as exc:  # pragma: no cover - scipy is a runtime requirement
-        raise DatasetError(f"{path}: reading COCO-Stuff 10k .mat labels needs scipy (pip install scipy)") from exc
+        raise DatasetError(f"{path}: reading COCO-Stuff 10k .mat labels needs scipy") from exc
     try:
         mat = scipy.io.loadmat(str(path))
     except Exception as exc:  # scipy raises ValueError, TypeError, MatReadError...
@@ -173,8 +173,8 @@ class SegmentationDataset:
     ignore_index = IGNORE_INDEX
     format = "base"
 
-    def __init__(self, name: str, root: Path, items: list[_Item], class_names=None, *, split: str | None = None,
-                 label_space=None):
+    def __init__(self, name: str, root: Path, items: list[_Item], class_names=None, *,
+                 split: str | None = None, label_space=None):
         self.name = name
         self.root = Path(root)
         self.items = items
@@ -216,7 +216,8 @@ class SegmentationDataset:
                 "ignore_index": self.ignore_index}
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.name!r}, format={self.format!r}, split={self.split!r}, {len(self)} images)"
+        return (f"{type(self).__name__}({self.name!r}, format={self.format!r}, split={self.split!r}, "
+                f"{len(self)} images)")
 
     # -- loading ---------------------------------------------------------------------------------
 
@@ -294,7 +295,8 @@ class LabelmeDataset(SegmentationDataset):
         import annotations
 
         try:
-            conv = annotations.convert_file(item.label, self.label_space, mapping=self.mapping, unknown=self.unknown)
+            conv = annotations.convert_file(item.label, self.label_space, mapping=self.mapping,
+                                            unknown=self.unknown)
         except annotations.AnnotationError as exc:
             message = str(exc)
             if self._tmp is not None:
@@ -555,7 +557,8 @@ def _mask_files(folder: Path) -> dict[str, Path]:
 
 def _open_masks(gt: Path, predictions, space) -> SegmentationDataset:
     if predictions is None:
-        raise DatasetError(f"{gt}: the masks format compares two folders: pass predictions= (CLI: --pred DIR)")
+        raise DatasetError(f"{gt}: the masks format compares two folders: pass predictions= "
+                           "(CLI: --pred DIR)")
     pred = Path(predictions)
     for folder, what in ((gt, "ground-truth"), (pred, "prediction")):
         if not folder.is_dir():
@@ -591,7 +594,8 @@ def detect_format(path) -> str:
     if next((p for p in path.rglob("*.json") if p.is_file()), None) is not None:
         return "labelme"
     empty = not any(path.iterdir())
-    raise _layout_error(path, "the folder is empty" if empty else "cannot tell the dataset format from the layout")
+    raise _layout_error(path, "the folder is empty" if empty else
+                        "cannot tell the dataset format from the layout")
 
 
 def open_dataset(path, format: str = "auto", *, split: str | None = None, label_space=None, mapping=None,

@@ -12,7 +12,7 @@ from PIL import Image
 import annotations as A
 from segcore.datasets import DatasetError, Sample, detect_format, open_dataset
 
-# ----------------------------------------------------------------------------- builders (shared with test_evaluate)
+# ----------------------------------------------------------------------------- builders (test_evaluate too)
 
 
 def rgb(h, w, seed=0):
@@ -96,7 +96,8 @@ def test_voc_folder_reads_indices_and_defaults_to_val(tmp_path):
     ds = open_dataset(tmp_path, label_space="voc")
     assert (len(ds), ds.split, ds.class_names[15]) == (2, "val", "person")
     s = ds[1]
-    assert isinstance(s, Sample) and s.name == "c" and s.image.shape == (24, 32, 3) and s.image.dtype == np.uint8
+    assert isinstance(s, Sample) and s.name == "c"
+    assert s.image.shape == (24, 32, 3) and s.image.dtype == np.uint8
     assert s.label.dtype == np.uint8 and np.array_equal(s.label, labels["c"])
     assert [x.name for x in open_dataset(root, "voc", split="train")] == ["b"]
     assert ds.describe()["images"] == 2 and ds.describe()["format"] == "voc"
@@ -218,7 +219,7 @@ def test_image_without_mask_and_mask_of_other_size_name_the_file(tmp_path):
     assert ds.split is None and len(ds) == 3
     with pytest.raises(DatasetError, match=r"nomask\.jpg: image without a ground-truth mask"):
         ds[[s.name for s in ds.items].index("nomask")]
-    with pytest.raises(DatasetError, match=r"small\.png: mask is 7x5 pixels but its image .*small\.jpg is 32x24"):
+    with pytest.raises(DatasetError, match=r"small\.png: mask is 7x5 pixels but its image .*small\.jpg"):
         ds[[s.name for s in ds.items].index("small")]
 
 

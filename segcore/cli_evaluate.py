@@ -1,0 +1,93 @@
+"""``python -m segcore evaluate``: score a model (or stored masks) on a dataset and write the report.
+
+Under ``torchrun --nproc_per_node N -m segcore evaluate ...`` the images are shared among the
+processes and rank 0 prints and writes the same report a single process would.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+FORMAT_CHOICES = ("auto", "labelme", "voc", "cocostuff10k", "cocostuff164k", "masks")
+
+
+def add_arguments(parser):
+    from .cli import add_model_arguments
+
+    add_model_arguments(parser, required=False)
+    parser.add_argument("--data", type=Path, required=True,
+                        help="dataset folder (or labelme .zip); with --format masks the ground-truth masks")
+    parser.add_argument("--format", default="auto", choices=FORMAT_CHOICES,
+                        help="dataset layout (default: detect)")
+    parser.add_argument("--split", default=None,
+                        help="split or list name (voc: val, else all; cocostuff10k: test; "
+                             "cocostuff164k: val2017)")
+    parser.add_argument("--map", type=Path, default=None, help="label mapping file for labelme data")
+    parser.add_argument("--unknown", default="error", choices=["error", "ignore"],
+                        help="labelme labels neither in the label set nor mapped: "
+                             "fail the file, or ignore them")
+    parser.add_argument("--pred", type=Path, default=None, help="prediction masks folder (--format masks)")
+    parser.add_argument("--out", type=Path, default=Path("evaluation"), help="report folder")
+    parser.add_argument("--worst", type=int, default=8,
+                        help="how many lowest-mIoU images to keep as thumbnails")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _label_space_for(segmenter, labels):
+    """The label space labelme files are converted against: --labels, else the model's classes."""
+    from .datasets import _space, _space_for_names
+
+    if labels is not None:
+        return _space(labels)
+    return _space_for_names(segmenter.class_names)
+
+
+def run(args) -> int:
+    from .datasets import open_dataset
+    from .evaluate import EvaluationError, evaluate, init_distributed
+    from .report import format_score_table
+
+    masks = args.format == "masks" or (args.format == "auto" and args.pred is not None)
+    if masks:
+        if args.weights is not None:
+            raise EvaluationError("--format masks compares stored predictions; drop --weights")
+        if args.pred is None:
+            raise EvaluationError("--format masks needs --pred DIR (the predicted masks)")
+        if args.labels is None:
+            raise EvaluationError("--format masks needs --labels voc|cocostuff|FILE (the class names)")
+    elif args.weights is None:
+        raise EvaluationError("--weights NAME|PATH is required (or --format masks --pred DIR)")
+
+    rank, world, started = init_distributed("cpu" if masks else args.device)
+    try:
+        if world > 1 and not masks and args.device == "auto":
+            import torch
+
+            if torch.cuda.is_available():
+                args.device = f"cuda:{torch.cuda.current_device()}"
+        segmenter = None
+        if masks:
+            dataset = open_dataset(args.data, "masks", predictions=args.pred, label_space=args.labels)
+        else:
+            from .cli import segmenter_from_args
+
+            segmenter = segmenter_from_args(args)
+            space = _label_space_for(segmenter, args.labels)
+            dataset = open_dataset(args.data, args.format, split=args.split, label_space=space,
+                                   mapping=args.map, unknown=args.unknown)
+        options = {"data": str(args.data), "format": dataset.format, "split": dataset.split}
+        if dataset.format == "labelme":
+            options.update({"label_space": dataset.label_space.name,
+                            "mapping": None if args.map is None else str(args.map), "unknown": args.unknown})
+        result = evaluate(segmenter, dataset, out_dir=args.out, progress=not args.no_progress,
+                          options=options, worst=args.worst)
+        if rank == 0:
+            print(format_score_table(result.scores, result.class_names))
+            print(result.summary())
+            print(f"report written to {args.out} ({', '.join(p.name for p in result.report.values())})")
+        return result.exit_code
+    finally:
+        if started:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()

@@ -1,0 +1,344 @@
+"""Evaluation runner: stream a dataset through a Segmenter (or stored masks) into one confusion matrix.
+
+Memory stays constant however many images there are: each image updates the confusion matrix and
+leaves only a few per-image numbers behind, plus small thumbnails of the worst images. A bad file is
+recorded (file, reason) and the run goes on. Under ``torchrun`` every process takes the images
+``rank::world``; the matrices are summed and the rows gathered so rank 0 writes the same report a
+single process would. See docs/evaluation.md.
+"""
+
+from __future__ import annotations
+
+import csv
+import heapq
+import math
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from .errors import SegcoreError
+from .metrics import ConfusionMatrix, compute_scores, to_json_dict
+
+__all__ = ["EvaluationError", "EvaluationResult", "evaluate", "init_distributed"]
+
+WORST_COUNT = 8
+THUMBNAIL_SIDE = 160
+
+
+class EvaluationError(SegcoreError):
+    """The evaluation cannot run at all (empty dataset, classes that do not fit the model)."""
+
+
+@dataclass
+class EvaluationResult:
+    """Scores of a whole run plus what the report and the app's gallery need."""
+
+    scores: dict
+    """:meth:`ConfusionMatrix.compute` of every counted pixel (fractions; NaN for absent classes)."""
+    class_names: tuple[str, ...]
+    per_image: list[dict]
+    """One row per evaluated image: ``image``, ``pixel_accuracy``, ``mean_iou``, ``valid_pixels``."""
+    failures: list[dict]
+    """One entry per image that could not be evaluated: ``index``, ``image``, ``file``, ``reason``."""
+    worst: list[dict]
+    """Lowest-mIoU images, worst first: scores, ``thumbnail`` (image | ground truth | prediction
+    strip, uint8 RGB) and ``path`` of the written PNG when there is an output folder."""
+    options: dict
+    images: int = 0
+    report: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.ok else 1
+
+    def summary(self) -> str:
+        done = len(self.per_image)
+        line = f"{done} of {self.images} images evaluated"
+        if self.failures:
+            line += f", {len(self.failures)} failed:"
+            shown = [f"  {f['file']}: {f['reason']}" for f in self.failures[:20]]
+            if len(self.failures) > 20:
+                shown.append(f"  ... and {len(self.failures) - 20} more (see scores.json)")
+            line = "\n".join([line, *shown])
+        return line
+
+
+# ----------------------------------------------------------------------------- distributed
+
+
+def init_distributed(device: str = "auto") -> tuple[int, int, bool]:
+    """``(rank, world_size, started)``; starts the default process group under torchrun.
+
+    When the torchrun variables (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) are set and no group
+    exists yet, it is started with nccl on CUDA (each rank on ``cuda:LOCAL_RANK``) or gloo on the
+    CPU; ``started`` says this call started it (so the caller may destroy it).
+    """
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return 0, 1, False
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), False
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return 0, 1, False
+    world = int(os.environ["WORLD_SIZE"])
+    use_cuda = torch.cuda.is_available() and (device == "auto" or str(device).startswith("cuda"))
+    if use_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    return dist.get_rank(), world, True
+
+
+def _dist_state() -> tuple[int, int]:
+    try:
+        import torch.distributed as dist
+    except ImportError:  # pragma: no cover
+        return 0, 1
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _gather(obj: Any, world: int) -> list:
+    if world == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _thumb(array: np.ndarray, side: int) -> np.ndarray:
+    h, w = array.shape[:2]
+    scale = min(1.0, side / max(h, w))
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    img = Image.fromarray(array)
+    if size != (w, h):
+        img = img.resize(size, Image.Resampling.NEAREST if array.ndim == 2 else Image.Resampling.BILINEAR)
+    return np.asarray(img)
+
+
+def _strip(image, label, pred, palette: np.ndarray, side: int) -> np.ndarray:
+    """image | ground truth | prediction, each at most ``side`` px on its long side (ignore = white)."""
+    pal = np.zeros((256, 3), np.uint8)
+    pal[: min(len(palette), 256)] = palette[:256]
+    pal[255] = 255
+    lab = pal[_thumb(label, side)]
+    prd = pal[_thumb(np.clip(pred, 0, 255).astype(np.uint8), side)]
+    parts = [lab, prd] if image is None else [_thumb(image, side), lab, prd]
+    h = max(p.shape[0] for p in parts)
+    gap = np.full((h, 4, 3), 255, np.uint8)
+    padded = []
+    for k, p in enumerate(parts):
+        if p.shape[0] < h:
+            p = np.concatenate([p, np.full((h - p.shape[0], p.shape[1], 3), 255, np.uint8)], 0)
+        padded += [p] if k == 0 else [gap, p]
+    return np.concatenate(padded, 1)
+
+
+def _bad_labels(label: np.ndarray, n_classes: int, ignore_index: int) -> np.ndarray:
+    counts = np.bincount(label.ravel(), minlength=256)
+    bad = np.flatnonzero(counts)
+    return bad[(bad >= n_classes) & (bad != ignore_index)]
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)[:80] or "image"
+
+
+def _palette_for(segmenter, dataset, n: int) -> np.ndarray:
+    import annotations
+
+    for pal in (getattr(segmenter, "palette", None), getattr(dataset, "palette", None)):
+        if pal is not None and len(pal) >= n:
+            return np.asarray(pal, np.uint8)
+    return annotations.voc_colormap(256)
+
+
+# ----------------------------------------------------------------------------- runner
+
+
+def evaluate(segmenter, dataset, *, out_dir=None, progress: bool = True, class_names=None, palette=None,
+             checkpoint=None, options: dict | None = None, worst: int = WORST_COUNT,
+             thumbnail_side: int = THUMBNAIL_SIDE, distributed: bool = True) -> EvaluationResult:
+    """Score ``segmenter`` (a :class:`~segcore.Segmenter`, or None for datasets of stored
+    predictions) on ``dataset`` (a :class:`~segcore.datasets.SegmentationDataset`).
+
+    Predictions are compared at the label's size. Files that cannot be read, images without a mask,
+    masks of another size, and label values outside ``[0, n_classes)`` other than 255 become
+    ``failures`` (file and reason) and the run goes on. With ``out_dir``, the report (scores.json,
+    per_class.csv, per_image.csv, failures.csv, report.html and ``worst/`` thumbnails) is written
+    there (by rank 0 only when distributed). Under torchrun (``distributed=True``), images are
+    sharded ``rank::world`` and the results combined.
+    """
+    from tqdm.auto import tqdm
+
+    if distributed:
+        init_distributed(str(getattr(segmenter, "device", "auto")) if segmenter is not None else "cpu")
+        rank, world = _dist_state()
+    else:
+        rank, world = 0, 1
+    total = len(dataset)
+    if total == 0:
+        raise EvaluationError(f"{getattr(dataset, 'root', dataset)}: the dataset has no images to evaluate")
+
+    names = tuple(class_names) if class_names is not None else None
+    if names is None and segmenter is not None:
+        names = tuple(segmenter.class_names)
+    if names is None:
+        names = getattr(dataset, "class_names", None)
+    if names is None:
+        raise EvaluationError(f"{getattr(dataset, 'root', dataset)}: the class names are unknown; "
+                              "pass a label space (voc, cocostuff or a labels file)")
+    n = len(names)
+    ds_names = getattr(dataset, "class_names", None)
+    if segmenter is not None and ds_names is not None and len(ds_names) != n:
+        raise EvaluationError(f"the dataset has {len(ds_names)} classes but the model {n}: "
+                              "evaluate against the model's label space")
+    if segmenter is None and getattr(dataset, "format", None) != "masks":
+        raise EvaluationError("no model given: only the masks format carries its own predictions")
+    pal = np.asarray(palette, np.uint8) if palette is not None else _palette_for(segmenter, dataset, n)
+    ignore = int(getattr(dataset, "ignore_index", 255))
+
+    cm = ConfusionMatrix(n, ignore)
+    rows: list[tuple[int, dict]] = []
+    failures: list[dict] = []
+    heap: list[tuple] = []  # (-mean_iou, -index, row, thumbnail): the `worst` lowest mIoU images
+    indices = range(rank, total, world)
+    bar = tqdm(indices, desc="evaluate", unit="img", disable=not progress or rank != 0, dynamic_ncols=True)
+    for i in bar:
+        name = _item_name(dataset, i)
+        try:
+            sample = dataset[i]
+            name = sample.name
+            label = sample.label
+            if label is None:
+                raise EvaluationError(f"{dataset.source(i)}: no ground-truth mask")
+            bad = _bad_labels(label, n, ignore)
+            if bad.size:
+                shown = ", ".join(str(int(v)) for v in bad[:10])
+                raise EvaluationError(f"{dataset.source(i)}: label values {shown} are outside [0, {n}) and "
+                                      f"not {ignore} (ignore); wrong label space or a colour mask?")
+            if segmenter is not None:
+                pred = segmenter.predict(sample.image).label_map
+            else:
+                pred = sample.prediction
+            if pred.shape != label.shape:
+                raise EvaluationError(f"{dataset.source(i)}: prediction is {pred.shape[1]}x{pred.shape[0]} "
+                                      f"pixels, the label {label.shape[1]}x{label.shape[0]}")
+            hist = cm.update(label, pred, name=dataset.source(i))
+        except (SegcoreError, OSError, ValueError) as exc:
+            failures.append({"index": i, "image": name, "file": _source(dataset, i), "reason": _reason(exc)})
+            if rank == 0 and progress:
+                tqdm.write(f"FAILED {failures[-1]['file']}: {failures[-1]['reason']}", file=sys.stderr)
+            continue
+        s = compute_scores(hist)
+        row = {"image": name, "pixel_accuracy": s["pixel_accuracy"], "mean_iou": s["mean_iou"],
+               "valid_pixels": int(sum(s["gt_pixels"]))}
+        rows.append((i, row))
+        if worst > 0 and not math.isnan(row["mean_iou"]):
+            key = (-row["mean_iou"], -i)
+            if len(heap) < worst or key > heap[0][:2]:
+                entry = (*key, {**row, "index": i}, _strip(sample.image, label, pred, pal, thumbnail_side))
+                (heapq.heappush if len(heap) < worst else heapq.heapreplace)(heap, entry)
+        del sample, label, pred
+    bar.close()
+
+    cm.all_reduce()
+    scores = cm.compute()
+    gathered = _gather((rows, failures, [(e[2], e[3]) for e in heap]), world)
+    all_rows = sorted((r for g in gathered for r in g[0]), key=lambda r: r[0])
+    all_failures = sorted((f for g in gathered for f in g[1]), key=lambda f: f["index"])
+    worst_rows = sorted((w for g in gathered for w in g[2]), key=lambda w: (w[0]["mean_iou"], w[0]["index"]))
+    worst_rows = worst_rows[:worst]
+
+    opts = dict(options or {})
+    if segmenter is not None and "model" not in opts:
+        opts["model"] = segmenter.describe()
+    opts.setdefault("dataset", dataset.describe() if hasattr(dataset, "describe") else str(dataset))
+    if world > 1:
+        opts.setdefault("processes", world)
+    result = EvaluationResult(scores=scores, class_names=tuple(names), per_image=[r for _, r in all_rows],
+                              failures=all_failures,
+                              worst=[{**row, "thumbnail": thumb} for row, thumb in worst_rows],
+                              options=opts, images=total)
+    if checkpoint is None and segmenter is not None:
+        checkpoint = getattr(segmenter.model, "checkpoint", None)
+    if out_dir is not None and rank == 0:
+        result.report = write_outputs(result, out_dir, pal, checkpoint=checkpoint)
+    return result
+
+
+def _item_name(dataset, i: int) -> str:
+    items = getattr(dataset, "items", None)
+    if items is not None:
+        return items[i].name
+    return str(i)
+
+
+def _source(dataset, i: int) -> str:
+    try:
+        return dataset.source(i)
+    except Exception:  # a dataset without source(): the index is all we have
+        return f"item {i}"
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if isinstance(exc, SegcoreError) else f"{type(exc).__name__}: {text}"
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def write_outputs(result: EvaluationResult, out_dir, palette, *, checkpoint=None) -> dict[str, Path]:
+    """The report files of ``result``: write_report's four, failures.csv and the worst thumbnails."""
+    from .report import write_report
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    worst_dir = out / "worst"
+    if worst_dir.is_dir():
+        for old in worst_dir.glob("*.png"):
+            old.unlink()
+    worst_meta = []
+    for k, w in enumerate(result.worst, 1):
+        path = worst_dir / f"{k:02d}_{_safe_name(w['image'])}.png"
+        worst_dir.mkdir(exist_ok=True)
+        Image.fromarray(w["thumbnail"]).save(path)
+        w["path"] = path
+        worst_meta.append({"image": w["image"], "mean_iou": w["mean_iou"],
+                           "pixel_accuracy": w["pixel_accuracy"], "thumbnail": str(path.relative_to(out))})
+    summary = {"images": result.images, "evaluated": len(result.per_image), "failed": len(result.failures)}
+    failures = [{"image": f["image"], "file": f["file"], "reason": f["reason"]} for f in result.failures]
+    paths = write_report(out, result.scores, result.class_names, palette, options=result.options,
+                         checkpoint=checkpoint, per_image=result.per_image, failures=failures,
+                         extra={"summary": summary, "worst_images": worst_meta})
+    paths["failures_csv"] = out / "failures.csv"
+    with open(paths["failures_csv"], "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=["image", "file", "reason"])
+        writer.writeheader()
+        writer.writerows(failures)
+    if worst_meta:
+        paths["worst"] = worst_dir
+    return paths
+
+
+def scores_json_dict(result: EvaluationResult) -> dict:
+    """The scores with NaN as None (what scores.json holds), for callers without an output folder."""
+    return to_json_dict({**result.scores, "class_names": list(result.class_names)})
