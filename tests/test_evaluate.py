@@ -183,3 +183,31 @@ def test_empty_and_unusable_inputs_are_clear_errors(tmp_path, ckpt, segmenter, c
     Image.new("RGB", (16, 16)).save(tmp_path / "c" / "images" / "val2017" / "1.jpg")
     with pytest.raises(EvaluationError, match="the dataset has 182 classes but the model 21"):
         evaluate(segmenter, open_dataset(tmp_path / "c"), progress=False)
+
+
+def test_labelme_mapping_file_and_unknown_labels(tmp_path, ckpt, capsys):
+    from test_datasets import labelme_json, rgb
+
+    labelme_json(tmp_path / "lm", "a", rgb(24, 24), [("human", "rectangle", [(2, 2), (14, 14)])])
+    assert _run_cli(["--weights", ckpt, "--data", tmp_path / "lm", "--test-size", TEST_SIZE, "--scales",
+                     "--device", "cpu", "--out", tmp_path / "o1"]) == 1
+    failures = json.loads((tmp_path / "o1" / "scores.json").read_text())["failures"]
+    assert "a.json" in failures[0]["file"] and "unknown label 'human'" in failures[0]["reason"]
+    (tmp_path / "map.json").write_text(json.dumps({"human": "person"}))
+    assert _run_cli(["--weights", ckpt, "--data", tmp_path / "lm", "--map", tmp_path / "map.json", "--scales",
+                     "--test-size", TEST_SIZE, "--device", "cpu", "--out", tmp_path / "o2"]) == 0
+    doc = json.loads((tmp_path / "o2" / "scores.json").read_text())
+    assert doc["gt_pixels"][15] == 13 * 13 and doc["failures"] == []  # labelme fills corners inclusively
+    capsys.readouterr()
+
+
+@pytest.mark.gpu
+def test_cuda_evaluation_matches_a_direct_count(tmp_path, ckpt):
+    from segcore import Segmenter
+
+    seg = Segmenter.from_pretrained(str(ckpt), scales=(), test_size=TEST_SIZE, device="cuda", precision="fp32")
+    labels = _voc(tmp_path, ["a", "b"])
+    result = evaluate(seg, open_dataset(tmp_path), progress=False)
+    preds = [seg.predict(tmp_path / "JPEGImages" / f"{n}.jpg").label_map for n in ("a", "b")]
+    matrix, _ = _hand_scores([labels["a"], labels["b"]], preds, 21)
+    assert result.scores["confusion_matrix"] == matrix.tolist() and result.ok
