@@ -205,7 +205,8 @@ def test_labelme_mapping_file_and_unknown_labels(tmp_path, ckpt, capsys):
 def test_cuda_evaluation_matches_a_direct_count(tmp_path, ckpt):
     from segcore import Segmenter
 
-    seg = Segmenter.from_pretrained(str(ckpt), scales=(), test_size=TEST_SIZE, device="cuda", precision="fp32")
+    seg = Segmenter.from_pretrained(str(ckpt), scales=(), test_size=TEST_SIZE, device="cuda",
+                                    precision="fp32")
     labels = _voc(tmp_path, ["a", "b"])
     result = evaluate(seg, open_dataset(tmp_path), progress=False)
     preds = [seg.predict(tmp_path / "JPEGImages" / f"{n}.jpg").label_map for n in ("a", "b")]
