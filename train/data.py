@@ -91,7 +91,11 @@ class TrainSet(torch.utils.data.Dataset):
 
 
 def source_of(dataset, index: int, default: str) -> str:
-    """The file a sample comes from (``SegmentationDataset.source``), for error messages."""
+    """The label file of a sample (else ``SegmentationDataset.source``, the image), for error messages."""
+    item = getattr(dataset, "items", None)
+    label = getattr(item[index], "label", None) if item is not None else None
+    if label is not None:
+        return str(label)
     try:
         return str(dataset.source(index))
     except Exception:  # noqa: BLE001 - a reader without source(): fall back to the sample name
