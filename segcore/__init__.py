@@ -2,7 +2,9 @@
 
 from .checkpoint import Checkpoint, load_model, read_checkpoint, save_checkpoint
 from .crf import DenseCRF
+from .datasets import DatasetError, Sample, SegmentationDataset, open_dataset
 from .errors import CheckpointError, DownloadError, ImageError, SegcoreError
+from .evaluate import EvaluationError, EvaluationResult, evaluate
 from .image import load_image, resize_long_side
 from .metrics import ConfusionMatrix, MetricsError, compute_scores, image_scores, to_json_dict
 from .model import BGR_MEAN, MSC, DeepLabV2, ModelConfig, build_model, msc_forward
@@ -22,7 +24,8 @@ def __getattr__(name):
     raise AttributeError(f"module 'segcore' has no attribute {name!r}")
 
 
-__all__ = [*_REPORT, "ConfusionMatrix", "MetricsError", "compute_scores", "image_scores", "to_json_dict",
+__all__ = [*_REPORT, "DatasetError", "EvaluationError", "EvaluationResult", "Sample", "SegmentationDataset",
+           "evaluate", "open_dataset", "ConfusionMatrix", "MetricsError", "compute_scores", "image_scores", "to_json_dict",
     "BGR_MEAN", "MSC", "REGISTRY", "Checkpoint", "CheckpointError", "DeepLabV2", "DenseCRF", "DownloadError",
     "ImageError", "ModelConfig", "Prediction", "SegcoreError", "Segmenter", "Weights", "build_model",
     "cache_dir", "download", "load_image", "load_model", "msc_forward", "palette_image", "read_checkpoint",
