@@ -66,7 +66,8 @@ class EvaluationResult:
         line = f"{done} of {self.images} images evaluated"
         if self.failures:
             line += f", {len(self.failures)} failed:"
-            shown = [f"  {f['file']}: {f['reason']}" for f in self.failures[:20]]
+            shown = [f"  {f['reason']}" if str(f["reason"]).startswith(str(f["file"]))
+                     else f"  {f['file']}: {f['reason']}" for f in self.failures[:20]]
             if len(self.failures) > 20:
                 shown.append(f"  ... and {len(self.failures) - 20} more (see scores.json)")
             line = "\n".join([line, *shown])
