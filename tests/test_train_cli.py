@@ -76,7 +76,6 @@ def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(tmp
     a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
     for k in a:
         assert torch.allclose(a[k].double(), b[k].double(), rtol=1e-4, atol=1e-6), k
-    assert any(not torch.equal(a[k], b[k]) for k in a if a[k].is_floating_point()) or True  # order may differ
     ra, rb = records(tmp_path / "one"), records(tmp_path / "two")
     assert [r["loss"] for r in ra] == pytest.approx([r["loss"] for r in rb], rel=1e-4)
 
