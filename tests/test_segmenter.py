@@ -121,17 +121,22 @@ def test_label_names_from_metadata_and_class_count(tmp_path):
 
 
 @pytest.mark.slow
-def test_full_resnet101_segmenter_matches_reference(tmp_path):
+@pytest.mark.parametrize("crf", [False, True])
+def test_full_resnet101_segmenter_matches_reference(tmp_path, crf):
     model = randomize_(build_model(21), seed=11).eval()
     torch.save(model.state_dict(), tmp_path / "full.pth")
-    rgb = scene_image(385, 513, seed=4)
-    seg = Segmenter.from_pretrained(str(tmp_path / "full.pth"), device="cpu", precision="fp32")
-    ours = seg.predict(rgb).label_map
+    rgb = scene_image(770, 1026, seed=4)  # resized to 385x513 by both pipelines
+    seg = Segmenter.from_pretrained(str(tmp_path / "full.pth"), device="cpu", precision="fp32", crf=crf)
+    pred = seg.predict(rgb, return_probs=True)
+    assert pred.label_map.shape == (770, 1026) and pred.processing_size == (385, 513)
+    ours = pred.probabilities.argmax(0)
     ref = reference_model(21).eval()
     ref.load_state_dict(model.state_dict())
     image, raw = reference_preprocessing(rgb[..., ::-1].copy(), 513)
-    expected = reference_inference(ref, image, raw, None)
+    expected = reference_inference(ref, image, raw, RefCRF() if crf else None)
+    assert ours.shape == expected.shape
     assert (ours == expected).mean() >= 0.99
+    assert len(np.unique(expected)) > 1
 
 
 # -- image inputs ---------------------------------------------------------------------------------
