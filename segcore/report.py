@@ -209,14 +209,15 @@ def confusion_figure(scores: dict, class_names: Sequence[str]) -> go.Figure:
     fig = go.Figure(heat)
     side = max(420, min(16 * k, 3200) + 220)
     fig.update_layout(
-        title=f"Confusion matrix, row-normalised ({k} classes that occur)",
+        title=dict(text=f"Confusion matrix, row-normalised ({k} classes that occur)", y=0.995, yanchor="top"),
         width=side + 120,
         height=side,
-        margin=dict(l=10, r=10, t=60, b=10),
+        margin=dict(l=10, r=10, t=150, b=10),
         template="plotly_white",
     )
     tick = dict(size=11 if k <= 60 else 8)
-    fig.update_xaxes(title="prediction", side="top", tickangle=-60, automargin=True, tickfont=tick)
+    fig.update_xaxes(title=dict(text="prediction", standoff=4), side="top", tickangle=-60, automargin=True,
+                     tickfont=tick)
     fig.update_yaxes(title="ground truth", autorange="reversed", automargin=True, tickfont=tick)
     return fig
 
