@@ -58,7 +58,8 @@ def _measure(n_classes, batch, size, device, amp_dtype, *, tiny, warmup, steps, 
         sync()
         times.append(time.perf_counter() - t0)
     med = statistics.median(times)
-    out = {"images_per_s": round(batch / med, 2), "median_step_s": round(med, 4), "loss_finite": bool(torch.isfinite(loss))}
+    out = {"images_per_s": round(batch / med, 2), "median_step_s": round(med, 4),
+           "loss_finite": bool(torch.isfinite(loss))}
     if device.type == "cuda":
         out["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     del model, optimizer
@@ -83,12 +84,15 @@ def run(quick: bool) -> dict:
                                     channels_last=True)
         if isinstance(result.get("bf16"), dict) and isinstance(result.get("fp32"), dict):
             result["bf16_speedup"] = round(result["bf16"]["images_per_s"] / result["fp32"]["images_per_s"], 2)
-            result["bf16_memory_ratio"] = round(result["bf16"]["peak_memory_gib"] / result["fp32"]["peak_memory_gib"], 2)
+            mem = result["bf16"]["peak_memory_gib"] / result["fp32"]["peak_memory_gib"]
+            result["bf16_memory_ratio"] = round(mem, 2)
     else:
         result["full_model"] = "skipped: no CUDA GPU (the ResNet-101 bf16/fp32 comparison needs one)"
     steps, warmup = (3, 1) if quick else (10, 2)
-    result["cpu_tiny"] = {"setting": "tiny model (1,1,1,1 blocks, widths 16-128), 4 classes, 64x64, batch 4, fp32",
+    result["cpu_tiny"] = {"setting": "tiny model (1,1,1,1 blocks, widths 16-128), 4 classes, 64x64, "
+                                     "batch 4, fp32",
                           "threads": torch.get_num_threads(),
-                          **_measure(4, 4, 64, torch.device("cpu"), None, tiny=True, warmup=warmup, steps=steps,
+                          **_measure(4, 4, 64, torch.device("cpu"), None, tiny=True, warmup=warmup,
+                                     steps=steps,
                                      channels_last=False)}
     return result

@@ -69,7 +69,8 @@ def test_shipped_configs_load_and_match_the_reference_protocol():
     for name in ("voc12", "cocostuff10k"):
         cfg = train.load_config(f"train/configs/{name}.yaml")
         s = cfg.solver
-        assert (s.iterations, s.batch_size, s.iter_size, s.momentum, s.lr, s.weight_decay, cfg.data.crop_size) == \
+        assert (s.iterations, s.batch_size, s.iter_size, s.momentum, s.lr, s.weight_decay,
+                cfg.data.crop_size) == \
             (20000, 5, 2, 0.9, 2.5e-4, 5e-4, 321)
         assert cfg.data.scales == [0.5, 0.75, 1.0, 1.25, 1.5]
         assert cfg.model.n_classes == {"voc12": 21, "cocostuff10k": 182}[name]
@@ -81,7 +82,8 @@ def test_shipped_configs_load_and_match_the_reference_protocol():
 def test_param_groups_match_reference_get_params():
     model = tiny_model(5)
     groups = train.param_groups(model, 0.01, 5e-4)
-    backbone_convs = [m for n, m in model.base.named_modules() if isinstance(m, nn.Conv2d) and not n.startswith("aspp")]
+    backbone_convs = [m for n, m in model.base.named_modules()
+                      if isinstance(m, nn.Conv2d) and not n.startswith("aspp")]
     aspp = list(model.base.aspp.children())
     assert [id(p) for p in groups[0]["params"]] == [id(m.weight) for m in backbone_convs]
     assert [id(p) for p in groups[1]["params"]] == [id(c.weight) for c in aspp]
@@ -161,7 +163,8 @@ def test_msc_loss_is_sum_of_ce_against_nearest_resized_labels():
     expected = 0.0
     for lg in logits:
         h, w = lg.shape[-2:]
-        resized = np.stack([np.asarray(Image.fromarray(lab.numpy().astype(np.uint8)).resize((w, h), Image.NEAREST))
+        resized = np.stack([np.asarray(Image.fromarray(lab.numpy().astype(np.uint8)).resize((w, h),
+                                                                                            Image.NEAREST))
                             for lab in labels])
         expected += F.cross_entropy(lg, torch.from_numpy(resized).long(), ignore_index=255)
     assert torch.allclose(train.msc_loss(logits, labels), expected, rtol=1e-6, atol=1e-6)
@@ -358,7 +361,8 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypa
 
 
 def test_out_of_range_labels_are_reported_with_the_file(tmp_path):
-    root = make_synthetic_voc(tmp_path / "r/data/synthetic", n_train=8, n_val=3, size=32, n_classes=4, seed=1234)
+    root = make_synthetic_voc(tmp_path / "r/data/synthetic", n_train=8, n_val=3, size=32, n_classes=4,
+                              seed=1234)
     bad = root / "SegmentationClass" / "train_0002.png"
     arr = np.array(Image.open(bad))
     arr[0, :3] = 7

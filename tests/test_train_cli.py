@@ -33,7 +33,8 @@ def records(run):
 
 
 def weights(run, name="final.pth"):
-    return torch.load(str(Path(run) / "checkpoints" / name), map_location="cpu", weights_only=True)["state_dict"]
+    return torch.load(str(Path(run) / "checkpoints" / name), map_location="cpu",
+                      weights_only=True)["state_dict"]
 
 
 def test_smoke_config_learns_on_cpu(tmp_path):
@@ -57,20 +58,24 @@ def test_smoke_config_learns_on_cpu(tmp_path):
 def test_config_errors_exit_2_with_the_valid_keys(tmp_path):
     proc = run_train("--config", SMOKE, "--out", str(tmp_path / "x"), "--set", "solver.itrations=3")
     assert proc.returncode == 2
-    assert "solver.itrations" in proc.stderr and "iterations" in proc.stderr and "Traceback" not in proc.stderr
+    assert "solver.itrations" in proc.stderr and "iterations" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 DDP_SETS = ["--set", "data.scales=[1.0]", "--set", "data.crop_size=48", "--set", "solver.iterations=4",
             "--set", "solver.iter_size=2", "--set", "log.val_every=0", "--set", "log.progress=false",
-            "--set", "log.tensorboard=false", "--set", "data.synthetic.n_train=12", "--set", "data.synthetic.n_val=2"]
+            "--set", "log.tensorboard=false", "--set", "data.synthetic.n_train=12",
+            "--set", "data.synthetic.n_val=2"]
 
 
 def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     # labels have no 255 and crops need no padding, so each rank's mean CE covers equally many pixels and
     # the DDP gradient average equals the single-process batch mean (BN is frozen, so samples are independent)
-    one = run_train("--config", SMOKE, "--out", str(tmp_path / "one"), *DDP_SETS, "--set", "solver.batch_size=4")
+    one = run_train("--config", SMOKE, "--out", str(tmp_path / "one"), *DDP_SETS, "--set",
+                    "solver.batch_size=4")
     assert one.returncode == 0, one.stderr[-3000:]
-    two = run_train("--config", SMOKE, "--out", str(tmp_path / "two"), *DDP_SETS, "--set", "solver.batch_size=2",
+    two = run_train("--config", SMOKE, "--out", str(tmp_path / "two"), *DDP_SETS, "--set",
+                    "solver.batch_size=2",
                     "--set", "data.num_workers=1", nproc=2)
     assert two.returncode == 0, (two.stdout + two.stderr)[-3000:]
     a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
@@ -82,7 +87,8 @@ def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(tmp
 
 def test_sigterm_saves_last_and_resume_matches_an_uninterrupted_run(tmp_path):
     sets = ["--set", "solver.iterations=60", "--set", "log.every=1", "--set", "log.val_every=0",
-            "--set", "log.progress=false", "--set", "log.tensorboard=false", "--set", "data.synthetic.n_val=2"]
+            "--set", "log.progress=false", "--set", "log.tensorboard=false",
+            "--set", "data.synthetic.n_val=2"]
     straight = run_train("--config", SMOKE, "--out", str(tmp_path / "a"), *sets)
     assert straight.returncode == 0, straight.stderr[-3000:]
 

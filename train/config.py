@@ -193,7 +193,8 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
     need(all(x > 0 for x in m.msc_scales), "model.msc_scales must be positive")
     need(m.init.format in ("auto", "checkpoint", "backbone", "torchvision"),
          f"model.init.format must be auto, checkpoint, backbone or torchvision, got {m.init.format!r}")
-    need(d.synthetic.enabled or d.root, "data.root is required (the dataset folder), or data.synthetic.enabled")
+    need(d.synthetic.enabled or d.root,
+         "data.root is required (the dataset folder), or data.synthetic.enabled")
     need(d.crop_size >= 8, "data.crop_size must be at least 8")
     need(len(d.scales) >= 1 and all(x > 0 for x in d.scales), "data.scales needs positive scales")
     need(len(d.mean_bgr) == 3, "data.mean_bgr needs three values (B, G, R)")
@@ -210,7 +211,8 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
     need(s.lr_step >= 1, "solver.lr_step must be >= 1")
     need(lg.every >= 1 and lg.val_every >= 0 and lg.save_every >= 1,
          "log.every and log.save_every must be >= 1, log.val_every >= 0")
-    need(r.precision in ("auto", "fp32", "bf16", "fp16"), "runtime.precision must be auto, fp32, bf16 or fp16")
+    need(r.precision in ("auto", "fp32", "bf16", "fp16"),
+         "runtime.precision must be auto, fp32, bf16 or fp16")
     need(r.stop_after is None or r.stop_after >= 1, "runtime.stop_after must be >= 1")
     if m.init.format == "torchvision" and m.stride_in_1x1:
         raise ConfigError("model.init.format torchvision needs model.stride_in_1x1: false "

@@ -114,7 +114,7 @@ def check_label(label: np.ndarray, n_classes: int, name: str) -> None:
 
 
 def worker_init_fn(base_seed: int, rank: int):
-    """Per-worker seeding from (seed, rank, worker id); workers ignore SIGINT (the main process handles it)."""
+    """Per-worker seeding from (seed, rank, worker id); workers ignore SIGINT (the main handles it)."""
 
     def init(worker_id: int):
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -143,7 +143,8 @@ def open_datasets(cfg, run_dir: Path, *, is_main: bool = True, barrier=None):
     if d.synthetic.enabled:
         root = run_dir / "data" / "synthetic"
         if is_main:
-            make_synthetic_voc(root, n_train=d.synthetic.n_train, n_val=d.synthetic.n_val, size=d.synthetic.size,
+            make_synthetic_voc(root, n_train=d.synthetic.n_train, n_val=d.synthetic.n_val,
+                               size=d.synthetic.size,
                                n_classes=d.synthetic.n_classes, seed=d.synthetic.seed)
         if barrier is not None:
             barrier()

@@ -1,4 +1,4 @@
-"""The DeepLab-v2 training loop: protocol (param groups, frozen BN, poly lr, MSC loss), DDP, checkpoints, resume.
+"""The DeepLab-v2 training loop: protocol (param groups, frozen BN, poly lr, MSC loss), DDP, resume.
 
 Protocol, following kazuto1011/deeplab-pytorch ``main.py``:
 
@@ -63,7 +63,7 @@ def set_train_mode(model: nn.Module) -> nn.Module:
 
 
 def param_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict]:
-    """The reference ``get_params`` groups: [backbone conv weights 1x, ASPP weights 10x, ASPP biases 20x (wd 0)]."""
+    """The reference ``get_params`` groups: [backbone convs 1x, ASPP weights 10x, ASPP biases 20x (wd 0)]."""
     backbone, aspp_w, aspp_b = [], [], []
     for name, m in model.named_modules():
         if not isinstance(m, nn.Conv2d):
@@ -76,7 +76,8 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict]
             backbone.extend(m.parameters())
     return [
         {"params": backbone, "lr": lr, "weight_decay": weight_decay, "name": "backbone", "lr_mult": 1.0},
-        {"params": aspp_w, "lr": 10 * lr, "weight_decay": weight_decay, "name": "aspp_weight", "lr_mult": 10.0},
+        {"params": aspp_w, "lr": 10 * lr, "weight_decay": weight_decay, "name": "aspp_weight",
+         "lr_mult": 10.0},
         {"params": aspp_b, "lr": 20 * lr, "weight_decay": 0.0, "name": "aspp_bias", "lr_mult": 20.0},
     ]
 
@@ -146,7 +147,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def atomic_torch_save(obj, path: Path) -> Path:
-    """``torch.save`` to a temp file in the same folder, then ``os.replace``: the old file survives failures."""
+    """``torch.save`` to a temp file in the same folder, then ``os.replace``: the old file survives."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
@@ -188,7 +189,7 @@ class DistInfo:
 
 
 def setup_distributed(device_pref: str) -> tuple[DistInfo, torch.device]:
-    """Read torchrun's env vars (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) and init the process group."""
+    """Read torchrun's env vars (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*) and init the group."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -233,7 +234,8 @@ class StopFlag:
         if self.signum and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signum = signum
-        print(f"\n{signal.Signals(signum).name}: finishing the current step, then saving checkpoints/last.pth "
+        print(f"\n{signal.Signals(signum).name}: finishing the current step, then saving "
+              "checkpoints/last.pth "
               "(press Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
 
     def restore(self):
@@ -336,7 +338,8 @@ def evaluate(model: nn.Module, dataset, n_classes: int, mean_bgr, device, *, aut
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast():
                 logits = model(x)
-            logits = F.interpolate(logits.float(), size=sample.label.shape, mode="bilinear", align_corners=False)
+            logits = F.interpolate(logits.float(), size=sample.label.shape, mode="bilinear",
+                                   align_corners=False)
             pred = logits.argmax(1)[0]
             cm.update(torch.from_numpy(sample.label.astype(np.int64)).to(pred.device), pred, name=sample.name)
         cm.all_reduce()
@@ -377,7 +380,7 @@ def resolve_run_dir(cfg: TrainConfig, out) -> Path:
 
 
 def train(cfg: TrainConfig, out=None, *, resume: bool = False) -> TrainResult:
-    """Run (or resume) training as ``cfg`` says; returns how it ended. Raises SegcoreError subclasses on bad input."""
+    """Run (or resume) training as ``cfg`` says; returns how it ended; SegcoreError on bad input."""
     run_dir = resolve_run_dir(cfg, out)
     ckpt_dir = run_dir / "checkpoints"
     last_path = ckpt_dir / "last.pth"
@@ -399,7 +402,8 @@ def _barrier(info: DistInfo):
         dist.barrier()
 
 
-def _train(cfg: TrainConfig, run_dir: Path, resume: bool, info: DistInfo, device: torch.device) -> TrainResult:
+def _train(cfg: TrainConfig, run_dir: Path, resume: bool, info: DistInfo,
+           device: torch.device) -> TrainResult:
     s = cfg.solver
     ckpt_dir = run_dir / "checkpoints"
     last_path = ckpt_dir / "last.pth"
@@ -423,7 +427,8 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, info: DistInfo, device
     # model
     torch.manual_seed(s.seed)
     model = build_model(n_classes, n_blocks=cfg.model.n_blocks, atrous_rates=cfg.model.atrous_rates,
-                        scales=cfg.model.msc_scales, stride_in_1x1=cfg.model.stride_in_1x1, width=cfg.model.width)
+                        scales=cfg.model.msc_scales, stride_in_1x1=cfg.model.stride_in_1x1,
+                        width=cfg.model.width)
     init_summary = {"init": "resumed"} if resume else init_weights.initialise(model, cfg.model.init.path,
                                                                               cfg.model.init.format)
     set_train_mode(model)
@@ -551,8 +556,10 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, info: DistInfo, device
                 stats[0] /= info.world_size
             loss_value, stop_requested = stats.tolist()
             if not math.isfinite(loss_value):
-                kept = f"the last good checkpoint is {last_path}" if last_path.is_file() else "no checkpoint was saved yet"
-                raise TrainError(f"non-finite loss ({loss_value}) at iteration {it + 1}; the weights were not "
+                kept = (f"the last good checkpoint is {last_path}" if last_path.is_file()
+                        else "no checkpoint was saved yet")
+                raise TrainError(f"non-finite loss ({loss_value}) at iteration {it + 1}; the weights were "
+                                 "not "
                                  f"updated and training stopped; {kept}. Lower solver.lr or check the data.")
             scaler.step(optimizer)
             scaler.update()
@@ -616,7 +623,8 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, info: DistInfo, device
         else:
             print(f"stopped after iteration {done}; state saved to {last_path}; continue with --resume",
                   file=sys.stderr)
-    return TrainResult(status, done, run_dir, int(stop.signum) if status == "interrupted" else 0, final_scores)
+    return TrainResult(status, done, run_dir, int(stop.signum) if status == "interrupted" else 0,
+                       final_scores)
 
 
 def _describe(ds) -> str:

@@ -63,11 +63,12 @@ def convert_torchvision(state: dict) -> dict:
 
 def _torch_load(path: Path) -> dict:
     if not path.is_file():
-        raise TrainError(f"{path}: no such weights file (model.init.path); nothing is downloaded automatically")
+        raise TrainError(f"{path}: no such weights file (model.init.path); nothing is downloaded")
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure means the file cannot be used
-        raise TrainError(f"{path}: cannot read it as tensors-only PyTorch weights ({str(exc).splitlines()[0]})") from exc
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise TrainError(f"{path}: cannot read it as tensors-only PyTorch weights ({detail})") from exc
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     elif isinstance(obj, dict) and isinstance(obj.get("model"), dict):
@@ -106,9 +107,11 @@ def _copy_into(model: nn.Module, state: dict, where: str, *, skip_aspp: bool) ->
               for k in own if k in state and state[k].shape != own[k].shape]
     if missing or unexpected or shapes:
         parts = []
-        for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", shapes)):
+        for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes",
+                                                                                          shapes)):
             if items:
-                parts.append(f"  {title} ({len(items)}): " + ", ".join(items[:8]) + (" ..." if len(items) > 8 else ""))
+                more = " ..." if len(items) > 8 else ""
+                parts.append(f"  {title} ({len(items)}): " + ", ".join(items[:8]) + more)
         raise TrainError(f"{where} does not fit the configured model (check model.n_blocks, width, "
                          "stride_in_1x1):\n" + "\n".join(parts))
     with torch.no_grad():
@@ -118,7 +121,7 @@ def _copy_into(model: nn.Module, state: dict, where: str, *, skip_aspp: bool) ->
 
 
 def initialise(model: nn.Module, path: str | None, fmt: str = "auto") -> dict:
-    """Load starting weights into ``model`` (an MSC); returns a summary for the log and the checkpoint meta."""
+    """Load starting weights into ``model`` (an MSC); returns a summary for the log and the meta."""
     if not path:
         return {"init": "random"}
     p = Path(path)
