@@ -205,8 +205,14 @@ def resolve_checkpoint(checkpoint) -> Checkpoint:
     return read_checkpoint(path)
 
 
-def save_checkpoint(path: str | Path, state_dict: dict, meta: dict | None = None) -> Path:
-    """Write a checkpoint ``load_model`` reads: ``.safetensors`` or a tensors-only ``.pth``, atomically."""
+def save_checkpoint(path: str | Path, state_dict: dict, meta: dict | None = None, *, extra: dict | None = None) -> Path:
+    """Write a checkpoint ``load_model`` reads: ``.safetensors`` or a ``.pth`` of plain data, atomically.
+
+    ``extra`` adds top-level keys to a ``.pth`` (the trainer's optimizer and RNG state); they must be
+    tensors, numbers, strings and containers of those, so ``torch.load(weights_only=True)`` reads them
+    and :func:`read_checkpoint` ignores them. The file is synced before it replaces the old one, so a
+    full disk or a crash leaves the previous checkpoint intact.
+    """
     import os
     import tempfile
 
@@ -218,11 +224,15 @@ def save_checkpoint(path: str | Path, state_dict: dict, meta: dict | None = None
     try:
         tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
         if path.suffix == ".safetensors":
+            if extra:
+                raise ValueError("safetensors files hold tensors and string metadata only; use .pth for extra state")
             from safetensors.torch import save_file
 
             save_file(tensors, tmp, metadata={META_KEY: json.dumps(meta)})
         else:
-            torch.save({"state_dict": tensors, "meta": meta}, tmp)
+            torch.save({"state_dict": tensors, "meta": meta, **(extra or {})}, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -10,13 +10,11 @@ batch can record it and go on. See docs/evaluation.md for the folder layouts.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import tempfile
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -579,7 +577,7 @@ def detect_format(path) -> str:
     """The format of a dataset folder (or labelme ``.zip``) judged by its layout."""
     path = Path(path)
     if not path.exists():
-        raise DatasetError(f"{path}: dataset not found")
+        raise _layout_error(path, "dataset not found")
     if path.is_file():
         if path.suffix.lower() in (".zip", ".json"):
             return "labelme"
@@ -613,7 +611,7 @@ def open_dataset(path, format: str = "auto", *, split: str | None = None, label_
         raise DatasetError(f"{path}: unknown dataset format {format!r}; use one of {', '.join(FORMATS)}")
     path = Path(path)
     if not path.exists():
-        raise DatasetError(f"{path}: dataset not found")
+        raise _layout_error(path, "dataset not found", None if format == "auto" else format)
     space = _space(label_space)
     if format == "auto":
         format = "masks" if predictions is not None else detect_format(path)

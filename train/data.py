@@ -153,22 +153,12 @@ def open_datasets(cfg, run_dir: Path, *, is_main: bool = True, barrier=None):
     else:
         root, fmt, train_split, val_split = d.root, d.format, d.train_split, d.val_split
     kwargs = dict(label_space=d.label_space, mapping=d.mapping, unknown=d.unknown)
-    if not Path(root).exists():
-        raise DatasetError(_missing_message(root, fmt))
-    train = open_dataset(root, fmt, split=train_split, **kwargs)
+    try:
+        train = open_dataset(root, fmt, split=train_split, **kwargs)
+    except DatasetError as exc:
+        raise DatasetError(f"{exc}\n(data.root in the config; override with --set data.root=PATH)") from exc
     val = open_dataset(root, fmt, split=val_split, **kwargs) if val_split else None
     return train, val
-
-
-def _missing_message(root, fmt: str) -> str:
-    try:
-        from segcore.datasets import LAYOUTS
-    except ImportError:
-        LAYOUTS = {}
-    shown = [fmt] if fmt in LAYOUTS else list(LAYOUTS)
-    layouts = "\n".join(f"{k}:\n{LAYOUTS[k]}" for k in shown)
-    return (f"{root}: dataset not found (data.root). Put the dataset there or set data.root"
-            + (f"; expected layout:\n{layouts}" if layouts else ""))
 
 
 # ------------------------------------------------------------------------------------------ synthetic data

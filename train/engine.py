@@ -33,6 +33,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from segcore.checkpoint import save_checkpoint
 from segcore.metrics import ConfusionMatrix
 from segcore.model import build_model
 
@@ -146,30 +147,14 @@ def set_rng_state(state: dict) -> None:
             torch.cuda.set_rng_state_all(states)
 
 
-def atomic_torch_save(obj, path: Path) -> Path:
-    """``torch.save`` to a temp file in the same folder, then ``os.replace``: the old file survives."""
+def save_run_checkpoint(path: Path, state_dict: dict, meta: dict, train_state: dict | None = None) -> Path:
+    """Atomic checkpoint write (see ``segcore.save_checkpoint``); a failure says whether the old file survives."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
     try:
-        torch.save(obj, str(tmp))
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        return save_checkpoint(path, state_dict, meta, extra={"train_state": train_state} if train_state else None)
     except (OSError, RuntimeError) as exc:
         kept = f"the previous {path.name} is unchanged" if path.exists() else f"no {path.name} was written"
         raise TrainError(f"{path}: could not write the checkpoint ({exc}); {kept}") from exc
-    finally:
-        if tmp.exists():
-            try:
-                tmp.unlink()
-            except OSError:
-                pass
-    return path
-
-
-def model_payload(model: nn.Module, meta: dict) -> dict:
-    return {"state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, "meta": meta}
 
 
 # ------------------------------------------------------------------------------------------------- runtime
@@ -505,12 +490,12 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, info: DistInfo,
         if not info.is_main:
             return
         meta = dict(meta_base, iteration=iteration)
-        payload = model_payload(model, meta)
+        state = None
         if with_state:
-            payload["train_state"] = {"iteration": iteration, "position": iteration * s.iter_size * g,
-                                      "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                                      "rng": rng_state(), "world_size": info.world_size}
-        atomic_torch_save(payload, path)
+            state = {"iteration": iteration, "position": iteration * s.iter_size * g,
+                     "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                     "rng": rng_state(), "world_size": info.world_size}
+        save_run_checkpoint(path, model.state_dict(), meta, state)
 
     def validate(iteration: int) -> dict | None:
         if val_ds is None:
