@@ -38,7 +38,7 @@ def test_voc_label_space_names_and_colormap():
     assert voc.palette[15].tolist() == [192, 128, 128]
     assert voc.palette[20].tolist() == [0, 64, 128]
     assert voc.palette[255].tolist() == [224, 224, 192]
-    imgviz = pytest.importorskip("imgviz")
+    import imgviz
     np.testing.assert_array_equal(voc.palette, imgviz.label_colormap())
 
 
@@ -192,8 +192,7 @@ def test_bad_inputs_are_reported_and_good_files_still_convert(tmp_path):
 
 
 def test_outside_points_match_labelme(tmp_path):
-    labelme = pytest.importorskip("labelme")
-    import labelme.utils  # noqa: F401
+    import labelme.utils
     from labelme_fixtures import LABELME_VOC_NAME_TO_ID
 
     f = write_labelme(tmp_path / "o.json", [_shape("cat", [[-50.5, -20], [90, 10.2], [10, 60]]),

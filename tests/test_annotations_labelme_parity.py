@@ -16,10 +16,10 @@ import pytest
 from PIL import Image
 
 import annotations as A
-from labelme_fixtures import (ALL_TYPES, LABELME_VOC_NAME_TO_ID, VOC_LABELS, encode_image, generate_folder,
+from labelme_fixtures import (ALL_TYPES, LABELME_VOC_NAME_TO_ID, VOC_LABELS, generate_folder,
                               make_image, random_annotation, random_shape, write_labelme)
 
-labelme = pytest.importorskip("labelme")
+import labelme  # noqa: E402
 import labelme.utils  # noqa: E402
 
 

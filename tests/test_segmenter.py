@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from factories import TINY_BLOCKS, TINY_CH, randomize_, scene_image, tiny_checkpoint, tiny_model
+from factories import TINY_BLOCKS, TINY_CH, randomize_, scene_image, tiny_checkpoint
 from PIL import Image
 from reference_deeplab import DenseCRF as RefCRF
 from reference_deeplab import reference_inference, reference_model, reference_preprocessing
