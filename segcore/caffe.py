@@ -81,8 +81,11 @@ def _next_field(buf, pos: int, end: int):
         length, pos = _read_varint(buf, pos, end)
         stop = pos + length
         if stop > end:
-            raise _WireError(f"field {number} declares {length} bytes at byte {pos} but its message ends "
-                             f"{end - pos} bytes later", truncated=end == len(buf))
+            raise _WireError(
+                f"field {number} declares {length} bytes at byte {pos} but its message ends "
+                f"{end - pos} bytes later",
+                truncated=end == len(buf),
+            )
         return number, wire, (pos, stop), stop
     if wire == _I32:
         if pos + 4 > end:
@@ -111,12 +114,14 @@ def _int32(value: int) -> int:
 
 def _expect(wire: int, allowed: tuple[int, ...], what: str, pos) -> None:
     if wire not in allowed:
-        raise _WireError(f"{what} has wire type {wire} (expected {' or '.join(map(str, allowed))}) near byte "
-                         f"{pos if isinstance(pos, int) else pos[0]}")
+        raise _WireError(
+            f"{what} has wire type {wire} (expected {' or '.join(map(str, allowed))}) near byte "
+            f"{pos if isinstance(pos, int) else pos[0]}"
+        )
 
 
 def _string(buf, span) -> str:
-    return bytes(buf[span[0]:span[1]]).decode("utf-8", errors="replace")
+    return bytes(buf[span[0] : span[1]]).decode("utf-8", errors="replace")
 
 
 def _repeated_uint(buf, wire, value, what) -> list[int]:
@@ -141,7 +146,9 @@ def _floats(buf, wire, value, end, dtype: str, width: int, tag: int):
     if wire == _LEN:
         pos, stop = value
         if (stop - pos) % width:
-            raise _WireError(f"a packed {dtype} run of {stop - pos} bytes is not a multiple of {width} at byte {pos}")
+            raise _WireError(
+                f"a packed {dtype} run of {stop - pos} bytes is not a multiple of {width} at byte {pos}"
+            )
         return np.frombuffer(buf, dtype=dtype, count=(stop - pos) // width, offset=pos), None
     pos = value - 1  # the one-byte tag in front of the value (fields 5 and 8 have one-byte tags)
     rec = 1 + width
@@ -281,13 +288,46 @@ def _parse_bn_eps(buf, start, end) -> float:
 
 
 V1_TYPES = {
-    0: "NONE", 1: "Accuracy", 2: "BNLL", 3: "Concat", 4: "Convolution", 5: "Data", 6: "Dropout",
-    7: "EuclideanLoss", 8: "Flatten", 9: "HDF5Data", 10: "HDF5Output", 11: "Im2col", 12: "ImageData",
-    13: "InfogainLoss", 14: "InnerProduct", 15: "LRN", 16: "MultinomialLogisticLoss", 17: "Pooling",
-    18: "ReLU", 19: "Sigmoid", 20: "Softmax", 21: "SoftmaxWithLoss", 22: "Split", 23: "TanH", 24: "WindowData",
-    25: "Eltwise", 26: "Power", 27: "SigmoidCrossEntropyLoss", 28: "HingeLoss", 29: "MemoryData", 30: "ArgMax",
-    31: "Threshold", 32: "DummyData", 33: "Slice", 34: "MVN", 35: "AbsVal", 36: "Silence",
-    37: "ContrastiveLoss", 38: "Exp", 39: "Deconvolution",
+    0: "NONE",
+    1: "Accuracy",
+    2: "BNLL",
+    3: "Concat",
+    4: "Convolution",
+    5: "Data",
+    6: "Dropout",
+    7: "EuclideanLoss",
+    8: "Flatten",
+    9: "HDF5Data",
+    10: "HDF5Output",
+    11: "Im2col",
+    12: "ImageData",
+    13: "InfogainLoss",
+    14: "InnerProduct",
+    15: "LRN",
+    16: "MultinomialLogisticLoss",
+    17: "Pooling",
+    18: "ReLU",
+    19: "Sigmoid",
+    20: "Softmax",
+    21: "SoftmaxWithLoss",
+    22: "Split",
+    23: "TanH",
+    24: "WindowData",
+    25: "Eltwise",
+    26: "Power",
+    27: "SigmoidCrossEntropyLoss",
+    28: "HingeLoss",
+    29: "MemoryData",
+    30: "ArgMax",
+    31: "Threshold",
+    32: "DummyData",
+    33: "Slice",
+    34: "MVN",
+    35: "AbsVal",
+    36: "Silence",
+    37: "ContrastiveLoss",
+    38: "Exp",
+    39: "Deconvolution",
 }
 """``V1LayerParameter.LayerType`` (caffe.proto) to the string type names of ``LayerParameter``."""
 
@@ -347,14 +387,19 @@ def read_caffemodel(path: str | Path) -> tuple[str, list[Layer]]:
                 layers.append(_parse_layer(data, *value, index=len(layers), net_field=number))
     except _WireError as exc:
         if exc.truncated:
-            raise CheckpointError(f"{path}: the file is truncated or corrupt ({exc}); "
-                                  f"{len(data)} bytes were read - download it again") from exc
+            raise CheckpointError(
+                f"{path}: the file is truncated or corrupt ({exc}); "
+                f"{len(data)} bytes were read - download it again"
+            ) from exc
         raise CheckpointError(f"{path}: not a Caffe model (binary NetParameter protobuf): {exc}") from exc
     if not layers:
-        raise CheckpointError(f"{path}: not a Caffe model: no layers (NetParameter fields 100 or 2) in "
-                              f"{len(data)} bytes")
+        raise CheckpointError(
+            f"{path}: not a Caffe model: no layers (NetParameter fields 100 or 2) in {len(data)} bytes"
+        )
     if len(seen_fields) > 1:
-        raise CheckpointError(f"{path}: holds both 'layer' and legacy 'layers' fields, which Caffe itself refuses")
+        raise CheckpointError(
+            f"{path}: holds both 'layer' and legacy 'layers' fields, which Caffe itself refuses"
+        )
     if not any(layer.name for layer in layers):
         raise CheckpointError(f"{path}: not a Caffe model: its {len(layers)} 'layers' have no names")
     return _LAYOUTS[seen_fields.pop()][0], layers
@@ -364,7 +409,10 @@ def _refuse_known_foreign(path: Path, data: bytes) -> None:
     head = data[:16]
     known = [
         (b"PK\x03\x04", "a zip archive (a PyTorch .pth checkpoint?)"),
-        (b"\x89HDF", "an HDF5 file (Caffe's .caffemodel.h5 snapshots are not supported; save as binary proto)"),
+        (
+            b"\x89HDF",
+            "an HDF5 file (Caffe's .caffemodel.h5 snapshots are not supported; save as binary proto)",
+        ),
         (b"\x80\x02", "a Python pickle"),
         (b"\x89PNG", "a PNG image"),
         (b"\xff\xd8\xff", "a JPEG image"),
@@ -374,8 +422,10 @@ def _refuse_known_foreign(path: Path, data: bytes) -> None:
             raise CheckpointError(f"{path}: not a Caffe model: this is {what}")
     text = data[:4096].lstrip()
     if re.match(rb"^(name\s*:|layers?\s*\{|input\s*:|#)", text):
-        raise CheckpointError(f"{path}: this is a text .prototxt (the network description), not a binary "
-                              ".caffemodel; it holds no weights")
+        raise CheckpointError(
+            f"{path}: this is a text .prototxt (the network description), not a binary "
+            ".caffemodel; it holds no weights"
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -384,11 +434,19 @@ def _refuse_known_foreign(path: Path, data: bytes) -> None:
 
 _SHARED = re.compile(r"^(?P<main>.+)_res0\d*$")
 _STEM = {"conv1": "conv", "bn_conv1": "bn", "scale_conv1": "scale"}
-_BLOCK = re.compile(r"^(?P<prefix>res|bn|scale)(?P<stage>[2-5])(?P<block>[a-z]\d*)_branch(?P<part>1|2a|2b|2c)$")
+_BLOCK = re.compile(
+    r"^(?P<prefix>res|bn|scale)(?P<stage>[2-5])(?P<block>[a-z]\d*)_branch(?P<part>1|2a|2b|2c)$"
+)
 _PARTS = {"1": "shortcut", "2a": "reduce", "2b": "conv3x3", "2c": "increase"}
 _ROLES = {"res": "conv", "bn": "bn", "scale": "scale"}
 _CLASSIFIER = re.compile(r"^fc\d*_(?:.*_)?c(?P<branch>\d+)$")
-_ROLE_TYPES = {"conv": ("Convolution",), "bn": ("BatchNorm",), "scale": ("Scale",), "classifier": ("Convolution",)}
+_LONE_FC = re.compile(r"^fc\d*(?:_[A-Za-z0-9]+)*$")
+_ROLE_TYPES = {
+    "conv": ("Convolution",),
+    "bn": ("BatchNorm",),
+    "scale": ("Scale",),
+    "classifier": ("Convolution",),
+}
 
 
 def block_index(code: str) -> int:
@@ -429,7 +487,9 @@ def _caffe_names_for(key: str, numeric_stages: set[int]) -> str:
     m = re.match(r"^base\.layer(\d)\.block(\d+)\.(\w+)\.(conv|bn)\.(\w+)$", key)
     if m:
         stage, block, part, kind, param = int(m[1]), int(m[2]), m[3], m[4], m[5]
-        code = ("a" if block == 1 else f"b{block - 1}") if stage in numeric_stages else chr(ord("a") + block - 1)
+        code = (
+            ("a" if block == 1 else f"b{block - 1}") if stage in numeric_stages else chr(ord("a") + block - 1)
+        )
         branch = {v: k for k, v in _PARTS.items()}[part]
         prefix = "res" if kind == "conv" else ("bn" if param.startswith("running") else "scale")
         return f"{prefix}{stage}{code}_branch{branch}"
@@ -450,8 +510,9 @@ def _caffe_names_for(key: str, numeric_stages: set[int]) -> str:
 def _tensor(blob: Blob, where: str) -> np.ndarray:
     count = int(np.prod(blob.shape)) if blob.shape else 1
     if count != blob.data.size:
-        raise CheckpointError(f"{where}: blob shape {blob.shape} holds {count} values but the file has "
-                              f"{blob.data.size}")
+        raise CheckpointError(
+            f"{where}: blob shape {blob.shape} holds {count} values but the file has {blob.data.size}"
+        )
     return blob.data.reshape(blob.shape) if blob.shape else blob.data
 
 
@@ -471,66 +532,28 @@ def convert_caffemodel(path: str | Path, *, kind: str = "deeplabv2-voc", keep_cl
         raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
     path = Path(path)
     layout, layers = read_caffemodel(path)
-    where = path.name
     warnings: list[str] = []
 
     # 1. sort layers: mapped, shared multi-scale copies, ignored (no blobs), unknown (blobs, no mapping)
-    mapped: dict[tuple[str, str], Layer] = {}
-    shared: list[tuple[Layer, str]] = []
-    ignored: list[str] = []
-    unknown: list[str] = []
-    duplicates: list[str] = []
-    by_name: dict[str, Layer] = {}
-    for layer in layers:
-        if layer.name in by_name and layer.blobs:
-            raise CheckpointError(f"{path}: two layers named '{layer.name}' carry weights")
-        by_name.setdefault(layer.name, layer)
-        if not layer.blobs:
-            ignored.append(layer.name)
-            continue
-        m = _SHARED.match(layer.name)
-        if m:
-            shared.append((layer, m["main"]))
-            continue
-        target = map_layer_name(layer.name)
-        if target is None:
-            unknown.append(f"{layer.name} ({layer.type or 'no type'})")
-            continue
-        if target in mapped:
-            duplicates.append(f"'{mapped[target].name}' and '{layer.name}' both map to {target[0]} ({target[1]})")
-            continue
-        expected_types = _ROLE_TYPES[target[1]]
-        if layer.type and layer.type != "NONE" and not layer.type.startswith("V1 type") \
-                and layer.type not in expected_types:
-            raise CheckpointError(f"{path}: layer '{layer.name}' is a {layer.type} layer; its name says "
-                                  f"{' or '.join(expected_types)}")
-        if target[1] in ("conv", "classifier") and len(layer.blobs[0].shape) != 4:
-            raise CheckpointError(f"{path}: convolution '{layer.name}' has a weight blob of shape "
-                                  f"{layer.blobs[0].shape}; expected 4-D (out, in, kh, kw)")
-        mapped[target] = layer
-    if unknown:
-        hint = ""
-        if not any(t[1] == "conv" for t in mapped):
-            hint = " - this does not look like a ResNet DeepLab (VGG-16 DeepLab-v1/v2 models are not supported)"
-        raise CheckpointError(f"{path}: {len(unknown)} layers with weights have no place in DeepLab-v2 "
-                              f"ResNet-101: {', '.join(unknown[:12])}{' ...' if len(unknown) > 12 else ''}{hint}")
-    if duplicates:
-        raise CheckpointError(f"{path}: layers {'; '.join(duplicates[:5])}")
-    if ("base.layer1.conv1.conv", "conv") not in mapped:
-        raise CheckpointError(f"{path}: no 'conv1' layer with weights: not an MSRA ResNet DeepLab model "
-                              f"(layers: {', '.join(layer.name for layer in layers[:8])} ...)")
+    mapped, shared, ignored, lone_fc, by_name = _sort_layers(path, layers, kind, keep_classifier)
 
     # 2. shared multi-scale branches: they share weights with the main branch; check, then skip
     for layer, main_name in shared:
         main = by_name.get(main_name)
         if main is None or not main.blobs:
-            raise CheckpointError(f"{path}: layer '{layer.name}' looks like a multi-scale copy of "
-                                  f"'{main_name}', but there is no such layer with weights")
+            raise CheckpointError(
+                f"{path}: layer '{layer.name}' looks like a multi-scale copy of "
+                f"'{main_name}', but there is no such layer with weights"
+            )
         same = len(main.blobs) == len(layer.blobs) and all(
-            a.data.shape == b.data.shape and np.array_equal(a.data, b.data) for a, b in zip(main.blobs, layer.blobs))
+            a.data.shape == b.data.shape and np.array_equal(a.data, b.data)
+            for a, b in zip(main.blobs, layer.blobs)
+        )
         if not same:
-            warnings.append(f"multi-scale layer '{layer.name}' differs from '{main_name}'; "
-                            f"the main branch's weights were used")
+            warnings.append(
+                f"multi-scale layer '{layer.name}' differs from '{main_name}'; "
+                f"the main branch's weights were used"
+            )
 
     # 3. architecture from names and blob shapes
     n_blocks = [0, 0, 0, 0]
@@ -544,24 +567,40 @@ def convert_caffemodel(path: str | Path, *, kind: str = "deeplabv2-voc", keep_cl
                 numeric_stages.add(stage)
     if min(n_blocks) == 0:
         missing = [f"res{i + 2}" for i, n in enumerate(n_blocks) if n == 0]
-        raise CheckpointError(f"{path}: no layers for stage(s) {', '.join(missing)}: not a ResNet DeepLab model")
+        raise CheckpointError(
+            f"{path}: no layers for stage(s) {', '.join(missing)}: not a ResNet DeepLab model"
+        )
     width = []
     for stage in range(2, 6):
         layer = mapped.get((f"base.layer{stage}.block1.increase.conv", "conv"))
         if layer is None:
-            raise CheckpointError(f"{path}: missing layer res{stage}a_branch2c (needed for the stage's width)")
+            raise CheckpointError(
+                f"{path}: missing layer res{stage}a_branch2c (needed for the stage's width)"
+            )
         width.append(int(layer.blobs[0].shape[0]) if layer.blobs[0].shape else 0)
     if any(w < 4 or w % 4 for w in width):
-        raise CheckpointError(f"{path}: stage widths {width} (from res2a..res5a_branch2c) are not ResNet-like")
-    classifier = sorted(((int(module.split(".")[2][1:]), layer) for (module, role), layer in mapped.items()
-                         if role == "classifier"), key=lambda t: t[0])
+        raise CheckpointError(
+            f"{path}: stage widths {width} (from res2a..res5a_branch2c) are not ResNet-like"
+        )
+    classifier = sorted(
+        (
+            (int(module.split(".")[2][1:]), layer)
+            for (module, role), layer in mapped.items()
+            if role == "classifier"
+        ),
+        key=lambda t: t[0],
+    )
     branches = [i for i, _ in classifier]
     if classifier and branches != list(range(len(branches))):
-        raise CheckpointError(f"{path}: ASPP classifier branches {branches} (from "
-                              f"{', '.join(layer.name for _, layer in classifier)}) are not c0, c1, ...")
+        raise CheckpointError(
+            f"{path}: ASPP classifier branches {branches} (from "
+            f"{', '.join(layer.name for _, layer in classifier)}) are not c0, c1, ..."
+        )
     if kind == "deeplabv2-voc" and not classifier:
-        raise CheckpointError(f"{path}: no ASPP classifier layers (fc1_*_c0 ..): not a DeepLab-v2 model; "
-                              "for the COCO initialisation use kind init-coco")
+        raise CheckpointError(
+            f"{path}: no ASPP classifier layers (fc1_*_c0 ..): not a DeepLab-v2 model; "
+            "for the COCO initialisation use kind init-coco"
+        )
     if kind == "init-coco" and keep_classifier and not classifier:
         raise CheckpointError(f"{path}: keep_classifier was asked for, but the file has no classifier layers")
     use_classifier = bool(classifier) and (kind == "deeplabv2-voc" or keep_classifier)
@@ -576,8 +615,10 @@ def convert_caffemodel(path: str | Path, *, kind: str = "deeplabv2-voc", keep_cl
             rate = layer.conv.dilation[0] if layer.conv is not None else 1
             rates.append(int(rate))
     if kind == "deeplabv2-voc" and n_classes != VOC_CLASSES:
-        raise CheckpointError(f"{path}: its classifier '{classifier[0][1].name}' has {n_classes} classes; the VOC "
-                              f"models have {VOC_CLASSES} (for the COCO initialisation use kind init-coco)")
+        raise CheckpointError(
+            f"{path}: its classifier '{classifier[0][1].name}' has {n_classes} classes; the VOC "
+            f"models have {VOC_CLASSES} (for the COCO initialisation use kind init-coco)"
+        )
     stride_in_1x1 = True
     res3 = mapped.get(("base.layer3.block1.conv3x3.conv", "conv"))
     if res3 is not None and res3.conv is not None and res3.conv.stride[0] == 2:
@@ -585,8 +626,13 @@ def convert_caffemodel(path: str | Path, *, kind: str = "deeplabv2-voc", keep_cl
     model_rates = tuple(rates) if use_classifier else (6, 12, 18, 24)
     if use_classifier and any(r < 1 for r in rates):
         raise CheckpointError(f"{path}: classifier dilations {rates} are not positive")
-    model = build_model(n_classes if use_classifier else 1, n_blocks=tuple(n_blocks), width=tuple(width),
-                        atrous_rates=model_rates, stride_in_1x1=stride_in_1x1)
+    model = build_model(
+        n_classes if use_classifier else 1,
+        n_blocks=tuple(n_blocks),
+        width=tuple(width),
+        atrous_rates=model_rates,
+        stride_in_1x1=stride_in_1x1,
+    )
     expected = model.state_dict()
     modules = dict(model.named_modules())
 
@@ -598,71 +644,62 @@ def convert_caffemodel(path: str | Path, *, kind: str = "deeplabv2-voc", keep_cl
     def put(key: str, array: np.ndarray, layer: Layer, exact_shape: bool):
         target = expected.get(key)
         if target is None:
-            raise CheckpointError(f"{path}: layer '{layer.name}' maps to {key}, which the model "
-                                  f"(n_blocks {tuple(n_blocks)}) does not have")
+            raise CheckpointError(
+                f"{path}: layer '{layer.name}' maps to {key}, which the model "
+                f"(n_blocks {tuple(n_blocks)}) does not have"
+            )
         ok = tuple(array.shape) == tuple(target.shape) if exact_shape else array.size == target.numel()
         if not ok:
-            raise CheckpointError(f"{path}: layer '{layer.name}': blob shape {tuple(array.shape)} does not fit "
-                                  f"{key} {tuple(target.shape)}")
-        state[key] = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32).reshape(tuple(target.shape)).copy())
+            raise CheckpointError(
+                f"{path}: layer '{layer.name}': blob shape {tuple(array.shape)} does not fit "
+                f"{key} {tuple(target.shape)}"
+            )
+        # blob arrays own their memory (copied out of the file buffer), so no further copy is needed
+        state[key] = torch.from_numpy(
+            np.ascontiguousarray(array, dtype=np.float32).reshape(tuple(target.shape))
+        )
 
-    dropped = []
+    dropped = [layer.name for layer in lone_fc]
     for (module_path, role), layer in sorted(mapped.items(), key=lambda item: item[1].index):
-        lname = f"'{layer.name}'"
         if role == "classifier" and not use_classifier:
             dropped.append(layer.name)
             continue
         module = modules.get(module_path)
         if module is None:
-            raise CheckpointError(f"{path}: layer {lname} maps to {module_path}, which the model does not have")
-        if role in ("conv", "classifier"):
-            want_bias = role == "classifier"
-            if len(layer.blobs) != (2 if want_bias else 1):
-                raise CheckpointError(
-                    f"{path}: layer {lname} has {len(layer.blobs)} blobs; expected "
-                    + ("weight and bias (the ASPP classifiers have a bias)" if want_bias
-                       else "only a weight (the backbone convolutions have no bias)"))
-            _check_conv(path, layer, module)
-            put(module_path + ".weight", _tensor(layer.blobs[0], f"{path}: layer {lname} blob 0"), layer, True)
-            if want_bias:
-                put(module_path + ".bias", _tensor(layer.blobs[1], f"{path}: layer {lname} blob 1"), layer, False)
-        elif role == "bn":
-            if len(layer.blobs) != 3:
-                raise CheckpointError(f"{path}: BatchNorm layer {lname} has {len(layer.blobs)} blobs; expected 3 "
-                                      "(mean, variance, moving-average factor)")
-            eps = 1e-5 if layer.bn_eps is None else layer.bn_eps
-            if not np.isclose(eps, module.eps, rtol=1e-3, atol=0):
-                raise CheckpointError(f"{path}: BatchNorm layer {lname} has eps {eps:g}; the model uses {module.eps:g}")
-            factor_blob = layer.blobs[2].data
-            if factor_blob.size != 1:
-                raise CheckpointError(f"{path}: BatchNorm layer {lname}: its third blob (moving-average factor) "
-                                      f"holds {factor_blob.size} values, expected 1")
-            s = np.float32(factor_blob[0])
-            scale = np.float32(0) if s == 0 else np.float32(1) / s  # exactly as Caffe's BatchNormLayer
-            bn_factors.append(float(s))
-            mean = _tensor(layer.blobs[0], f"{path}: layer {lname} blob 0").astype(np.float32) * scale
-            var = _tensor(layer.blobs[1], f"{path}: layer {lname} blob 1").astype(np.float32) * scale
-            put(module_path + ".running_mean", mean, layer, False)
-            put(module_path + ".running_var", var, layer, False)
-        elif role == "scale":
-            if len(layer.blobs) != 2:
-                raise CheckpointError(f"{path}: Scale layer {lname} has {len(layer.blobs)} blobs; expected 2 "
-                                      "(scale and bias)")
-            put(module_path + ".weight", _tensor(layer.blobs[0], f"{path}: layer {lname} blob 0"), layer, False)
-            put(module_path + ".bias", _tensor(layer.blobs[1], f"{path}: layer {lname} blob 1"), layer, False)
+            raise CheckpointError(
+                f"{path}: layer '{layer.name}' maps to {module_path}, which the model does not have"
+            )
+        for suffix, (array, exact) in _layer_arrays(path, layer, role, module).items():
+            put(f"{module_path}.{suffix}", array, layer, exact)
+        if role == "bn":
+            bn_factors.append(float(layer.blobs[2].data[0]))
         converted.append(layer.name)
 
     # 5. every model parameter must be filled
-    unfilled = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")
-                and not (".aspp." in k and not use_classifier)]
+    unfilled = [
+        k
+        for k in expected
+        if k not in state
+        and not k.endswith("num_batches_tracked")
+        and not (".aspp." in k and not use_classifier)
+    ]
     if unfilled:
-        listed = ", ".join(f"{k} (from Caffe layer {_caffe_names_for(k, numeric_stages)})" for k in unfilled[:10])
-        raise CheckpointError(f"{path}: {len(unfilled)} model parameters have no layer in the file: {listed}"
-                              + (" ..." if len(unfilled) > 10 else ""))
+        listed = ", ".join(
+            f"{k} (from Caffe layer {_caffe_names_for(k, numeric_stages)})" for k in unfilled[:10]
+        )
+        raise CheckpointError(
+            f"{path}: {len(unfilled)} model parameters have no layer in the file: {listed}"
+            + (" ..." if len(unfilled) > 10 else "")
+        )
     out = {k: state[k] for k in expected if k in state}  # the model's key order
 
-    meta: dict = {"source": path.name, "kind": kind, "converted_from": "caffe",
-                  "backbone_only": not use_classifier, "stride_in_1x1": stride_in_1x1}
+    meta: dict = {
+        "source": path.name,
+        "kind": kind,
+        "converted_from": "caffe",
+        "backbone_only": not use_classifier,
+        "stride_in_1x1": stride_in_1x1,
+    }
     if use_classifier:
         meta["atrous_rates"] = list(model_rates)
         meta["n_classes"] = n_classes
@@ -674,37 +711,191 @@ def convert_caffemodel(path: str | Path, *, kind: str = "deeplabv2-voc", keep_cl
         else:
             warnings.append("the annotations package has no VOC label space; class_names were left out")
     report = {
-        "source": str(path), "kind": kind, "layout": layout, "layers": len(layers),
-        "converted_layers": len(converted), "ignored_layers": len(ignored),
+        "source": str(path),
+        "kind": kind,
+        "layout": layout,
+        "layers": len(layers),
+        "converted_layers": len(converted),
+        "ignored_layers": len(ignored),
         "shared_layers_skipped": [layer.name for layer, _ in shared],
-        "classifier": ("kept" if use_classifier else ("dropped: " + ", ".join(dropped) if dropped else "none")),
+        "classifier": (
+            "kept" if use_classifier else ("dropped: " + ", ".join(dropped) if dropped else "none")
+        ),
         "classifier_classes": n_classes if classifier else None,
-        "architecture": {"n_classes": n_classes if use_classifier else None, "n_blocks": list(n_blocks),
-                         "width": width, "atrous_rates": rates, "stride_in_1x1": stride_in_1x1},
+        "architecture": {
+            "n_classes": n_classes if use_classifier else None,
+            "n_blocks": list(n_blocks),
+            "width": width,
+            "atrous_rates": rates,
+            "stride_in_1x1": stride_in_1x1,
+        },
         "bn_factor_range": [min(bn_factors), max(bn_factors)] if bn_factors else None,
-        "tensors": len(out), "warnings": warnings, "meta": meta,
+        "tensors": len(out),
+        "warnings": warnings,
+        "meta": meta,
     }
     return out, report
 
 
+def _sort_layers(path: Path, layers: list[Layer], kind: str, keep_classifier: bool):
+    """Map each layer with blobs to ``(module path, role)``; set aside multi-scale copies and weightless ones."""
+    mapped: dict[tuple[str, str], Layer] = {}
+    shared: list[tuple[Layer, str]] = []
+    ignored: list[str] = []
+    unknown: list[str] = []
+    duplicates: list[str] = []
+    lone_fc: list[Layer] = []
+    by_name: dict[str, Layer] = {}
+    for layer in layers:
+        if layer.name in by_name and layer.blobs:
+            raise CheckpointError(f"{path}: two layers named '{layer.name}' carry weights")
+        by_name.setdefault(layer.name, layer)
+        if not layer.blobs:
+            ignored.append(layer.name)
+            continue
+        m = _SHARED.match(layer.name)
+        if m:
+            shared.append((layer, m["main"]))
+            continue
+        target = map_layer_name(layer.name)
+        if target is None:
+            if kind == "init-coco" and _LONE_FC.match(layer.name):
+                lone_fc.append(layer)  # a single (DeepLab-v1 style) or foreign classifier
+            else:
+                unknown.append(f"{layer.name} ({layer.type or 'no type'})")
+            continue
+        if target in mapped:
+            duplicates.append(
+                f"'{mapped[target].name}' and '{layer.name}' both map to {target[0]} ({target[1]})"
+            )
+            continue
+        expected_types = _ROLE_TYPES[target[1]]
+        if (
+            layer.type
+            and layer.type != "NONE"
+            and not layer.type.startswith("V1 type")
+            and layer.type not in expected_types
+        ):
+            raise CheckpointError(
+                f"{path}: layer '{layer.name}' is a {layer.type} layer; its name says "
+                f"{' or '.join(expected_types)}"
+            )
+        if target[1] in ("conv", "classifier") and len(layer.blobs[0].shape) != 4:
+            raise CheckpointError(
+                f"{path}: convolution '{layer.name}' has a weight blob of shape "
+                f"{layer.blobs[0].shape}; expected 4-D (out, in, kh, kw)"
+            )
+        mapped[target] = layer
+    if unknown:
+        hint = ""
+        if not any(t[1] == "conv" for t in mapped):
+            hint = (
+                " - this does not look like a ResNet DeepLab (VGG-16 DeepLab-v1/v2 models are not supported)"
+            )
+        raise CheckpointError(
+            f"{path}: {len(unknown)} layers with weights have no place in DeepLab-v2 "
+            f"ResNet-101: {', '.join(unknown[:12])}{' ...' if len(unknown) > 12 else ''}{hint}"
+        )
+    has_aspp = any(role == "classifier" for _, role in mapped)
+    if lone_fc and keep_classifier:
+        if len(lone_fc) > 1 or has_aspp:
+            raise CheckpointError(
+                f"{path}: cannot keep the classifier: layers "
+                f"{', '.join(layer.name for layer in lone_fc)} do not fit the ASPP branches "
+                "fc*_c0, fc*_c1, ..."
+            )
+        mapped[("base.aspp.c0", "classifier")] = lone_fc.pop()
+    if duplicates:
+        raise CheckpointError(f"{path}: layers {'; '.join(duplicates[:5])}")
+    if ("base.layer1.conv1.conv", "conv") not in mapped:
+        raise CheckpointError(
+            f"{path}: no 'conv1' layer with weights: not an MSRA ResNet DeepLab model "
+            f"(layers: {', '.join(layer.name for layer in layers[:8])} ...)"
+        )
+
+    return mapped, shared, ignored, lone_fc, by_name
+
+
+def _layer_arrays(path: Path, layer: Layer, role: str, module) -> dict[str, tuple[np.ndarray, bool]]:
+    """The tensors one Caffe layer gives its module: ``{param: (array, shape must match exactly)}``.
+
+    Checks blob counts, convolution geometry and BatchNorm eps against ``module`` on the way.
+    """
+    lname = f"'{layer.name}'"
+
+    def arr(i):
+        return _tensor(layer.blobs[i], f"{path}: layer {lname} blob {i}")
+
+    if role in ("conv", "classifier"):
+        want_bias = role == "classifier"
+        if len(layer.blobs) != (2 if want_bias else 1):
+            raise CheckpointError(
+                f"{path}: layer {lname} has {len(layer.blobs)} blobs; expected "
+                + (
+                    "weight and bias (the ASPP classifiers have a bias)"
+                    if want_bias
+                    else "only a weight (the backbone convolutions have no bias)"
+                )
+            )
+        _check_conv(path, layer, module)
+        return {"weight": (arr(0), True), **({"bias": (arr(1), False)} if want_bias else {})}
+    if role == "bn":
+        if len(layer.blobs) != 3:
+            raise CheckpointError(
+                f"{path}: BatchNorm layer {lname} has {len(layer.blobs)} blobs; expected 3 "
+                "(mean, variance, moving-average factor)"
+            )
+        eps = 1e-5 if layer.bn_eps is None else layer.bn_eps
+        if not np.isclose(eps, module.eps, rtol=1e-3, atol=0):
+            raise CheckpointError(
+                f"{path}: BatchNorm layer {lname} has eps {eps:g}; the model uses {module.eps:g}"
+            )
+        factor = layer.blobs[2].data
+        if factor.size != 1:
+            raise CheckpointError(
+                f"{path}: BatchNorm layer {lname}: its third blob (moving-average factor) "
+                f"holds {factor.size} values, expected 1"
+            )
+        s = np.float32(factor[0])
+        scale = np.float32(0) if s == 0 else np.float32(1) / s  # exactly as Caffe's BatchNormLayer
+        return {"running_mean": (arr(0) * scale, False), "running_var": (arr(1) * scale, False)}
+    if len(layer.blobs) != 2:
+        raise CheckpointError(
+            f"{path}: Scale layer {lname} has {len(layer.blobs)} blobs; expected 2 (scale and bias)"
+        )
+    return {"weight": (arr(0), False), "bias": (arr(1), False)}
+
+
 def _check_conv(path: Path, layer: Layer, module: torch.nn.Conv2d) -> None:
     if layer.conv is None:
-        raise CheckpointError(f"{path}: layer '{layer.name}' has no convolution_param, so its kernel, stride, "
-                              "padding and dilation cannot be checked")
+        raise CheckpointError(
+            f"{path}: layer '{layer.name}' has no convolution_param, so its kernel, stride, "
+            "padding and dilation cannot be checked"
+        )
     p = layer.conv
     kernel = p.kernel or tuple(int(d) for d in layer.blobs[0].shape[-2:])
-    got = {"kernel": tuple(kernel), "stride": tuple(p.stride), "pad": tuple(p.pad), "dilation": tuple(p.dilation),
-           "group": p.group}
-    want = {"kernel": tuple(module.kernel_size), "stride": tuple(module.stride), "pad": tuple(module.padding),
-            "dilation": tuple(module.dilation), "group": module.groups}
+    got = {
+        "kernel": tuple(kernel),
+        "stride": tuple(p.stride),
+        "pad": tuple(p.pad),
+        "dilation": tuple(p.dilation),
+        "group": p.group,
+    }
+    want = {
+        "kernel": tuple(module.kernel_size),
+        "stride": tuple(module.stride),
+        "pad": tuple(module.padding),
+        "dilation": tuple(module.dilation),
+        "group": module.groups,
+    }
     bad = [f"{k} {got[k]} (model {want[k]})" for k in got if got[k] != want[k]]
     if p.num_output is not None and p.num_output != module.out_channels:
         bad.append(f"num_output {p.num_output} (model {module.out_channels})")
-    if p.bias_term != (module.bias is not None) and len(layer.blobs) != (2 if module.bias is not None else 1):
-        bad.append(f"bias_term {p.bias_term}")
     if bad:
-        raise CheckpointError(f"{path}: convolution '{layer.name}' does not match the DeepLab-v2 architecture: "
-                              + "; ".join(bad))
+        raise CheckpointError(
+            f"{path}: convolution '{layer.name}' does not match the DeepLab-v2 architecture: "
+            + "; ".join(bad)
+        )
 
 
 def _voc_class_names() -> list[str] | None:
@@ -718,9 +909,15 @@ def _voc_class_names() -> list[str] | None:
         return None
 
 
-def convert_caffe_file(path: str | Path, out: str | Path, *, kind: str = "deeplabv2-voc",
-                       keep_classifier: bool = False, verify: bool = True) -> dict:
-    """Convert ``path`` and write ``out`` (``.pth`` or ``.safetensors``) with its metadata; returns the report.
+def convert_caffe_file(
+    path: str | Path,
+    out: str | Path,
+    *,
+    kind: str = "deeplabv2-voc",
+    keep_classifier: bool = False,
+    verify: bool = True,
+) -> dict:
+    """Convert ``path`` and write ``out`` (``.pth`` or ``.safetensors``) with its metadata; return the report.
 
     With ``verify`` the written file is read back: a full model through :func:`segcore.load_model`, a
     backbone through :func:`read_backbone`.
@@ -743,7 +940,7 @@ def convert_caffe_file(path: str | Path, out: str | Path, *, kind: str = "deepla
 
 
 def read_backbone(path: str | Path) -> dict[str, torch.Tensor]:
-    """Backbone weights (``base.layer*`` keys, ASPP left out) from a converted checkpoint or a ``.caffemodel``.
+    """Backbone weights (``base.layer*`` keys, no ASPP) from a converted checkpoint or a ``.caffemodel``.
 
     :func:`segcore.checkpoint.read_checkpoint` refuses files without ``base.aspp.c0.weight``, which a
     converted COCO initialisation (``backbone_only``) is; training starts from this instead. A
@@ -761,8 +958,10 @@ def read_backbone(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: entries that are not tensors: {', '.join(bad[:10])}")
     state = {k: v for k, v in normalize_keys(tensors).items() if ".aspp." not in k}
     if "base.layer1.conv1.conv.weight" not in state:
-        raise CheckpointError(f"{path}: not a DeepLab-v2 backbone: no 'base.layer1.conv1.conv.weight' "
-                              f"(first keys: {', '.join(list(state)[:5])})")
+        raise CheckpointError(
+            f"{path}: not a DeepLab-v2 backbone: no 'base.layer1.conv1.conv.weight' "
+            f"(first keys: {', '.join(list(state)[:5])})"
+        )
     return state
 
 
@@ -772,29 +971,51 @@ def read_backbone(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def add_convert_caffe_arguments(parser) -> None:
-    parser.add_argument("model", type=Path, help="the .caffemodel file (e.g. train2_iter_20000.caffemodel, "
-                                                 "init.caffemodel)")
+    parser.add_argument(
+        "model", type=Path, help="the .caffemodel file (e.g. train2_iter_20000.caffemodel, init.caffemodel)"
+    )
     parser.add_argument("out", type=Path, help="checkpoint to write (.pth or .safetensors)")
-    parser.add_argument("--kind", choices=KINDS, default="deeplabv2-voc",
-                        help="deeplabv2-voc: a PASCAL VOC DeepLab-v2 model (21 classes, default); "
-                             "init-coco: the MS-COCO initialisation (backbone for training)")
-    parser.add_argument("--keep-classifier", action="store_true",
-                        help="init-coco: keep its classifier (the checkpoint then loads as a full model)")
+    parser.add_argument(
+        "--kind",
+        choices=KINDS,
+        default="deeplabv2-voc",
+        help="deeplabv2-voc: a PASCAL VOC DeepLab-v2 model (21 classes, default); "
+        "init-coco: the MS-COCO initialisation (backbone for training)",
+    )
+    parser.add_argument(
+        "--keep-classifier",
+        action="store_true",
+        help="init-coco: keep its classifier (the checkpoint then loads as a full model)",
+    )
 
 
 def convert_caffe_cli(args) -> int:
     """Run the conversion for parsed arguments; prints a summary and returns the exit code."""
     report = convert_caffe_file(args.model, args.out, kind=args.kind, keep_classifier=args.keep_classifier)
     arch = report["architecture"]
-    print(f"{args.model}: {report['layers']} layers ({report['layout']}), {report['converted_layers']} converted, "
-          f"{report['ignored_layers']} without weights ignored, {len(report['shared_layers_skipped'])} "
-          "multi-scale copies skipped")
-    print(f"  n_blocks {tuple(arch['n_blocks'])}, width {tuple(arch['width'])}, classifier {report['classifier']}"
-          + (f" ({report['classifier_classes']} classes, rates {tuple(arch['atrous_rates'])})"
-             if report["classifier_classes"] else ""))
+    print(
+        f"{args.model}: {report['layers']} layers ({report['layout']}), "
+        f"{report['converted_layers']} converted, "
+        f"{report['ignored_layers']} without weights ignored, {len(report['shared_layers_skipped'])} "
+        "multi-scale copies skipped"
+    )
+    print(
+        f"  n_blocks {tuple(arch['n_blocks'])}, width {tuple(arch['width'])}, "
+        f"classifier {report['classifier']}"
+        + (
+            f" ({report['classifier_classes']} classes, rates {tuple(arch['atrous_rates'])})"
+            if report["classifier_classes"]
+            else ""
+        )
+    )
     for warning in report["warnings"]:
         print(f"  warning: {warning}")
-    print(f"wrote {report['output']} ({report['tensors']} tensors"
-          + (", backbone only: train from it with model.init.format backbone)" if report["meta"]["backbone_only"]
-             else ")"))
+    print(
+        f"wrote {report['output']} ({report['tensors']} tensors"
+        + (
+            ", backbone only: train from it with model.init.format backbone)"
+            if report["meta"]["backbone_only"]
+            else ")"
+        )
+    )
     return 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import struct
+import sys
 
 import numpy as np
 import pytest
@@ -115,12 +116,24 @@ def conv_param(num_output, kernel, stride=1, pad=0, dilation=1, bias=False, hw=F
     return out
 
 
-V1_ENUM = {"Convolution": 4, "Data": 5, "Pooling": 17, "ReLU": 18, "Eltwise": 25, "Silence": 36,
-           "SoftmaxWithLoss": 21, "BatchNorm": 0, "Scale": 0, "Interp": 0}
+V1_ENUM = {
+    "Convolution": 4,
+    "Data": 5,
+    "Pooling": 17,
+    "ReLU": 18,
+    "Eltwise": 25,
+    "Silence": 36,
+    "SoftmaxWithLoss": 21,
+    "BatchNorm": 0,
+    "Scale": 0,
+    "Interp": 0,
+}
 
 
 def layer_bytes(spec: dict, layout: str, shape_style: str) -> bytes:
-    blobs = [blob(a, shape_style=shape_style, data_style=spec.get("data_style", "packed")) for a in spec["blobs"]]
+    blobs = [
+        blob(a, shape_style=shape_style, data_style=spec.get("data_style", "packed")) for a in spec["blobs"]
+    ]
     conv = spec.get("conv")
     if layout == "layer":
         body = f_string(1, spec["name"]) + f_string(2, spec["type"])
@@ -153,8 +166,9 @@ def block_code(stage: int, block: int) -> str:
     return "abcdefghij"[block - 1]
 
 
-def make_net(n_blocks, *, n_classes=21, classifier="fc1_voc12", seed=0, factor=FACTOR, rates=RATES,
-             multiscale=True):
+def make_net(
+    n_blocks, *, n_classes=21, classifier="fc1_voc12", seed=0, factor=FACTOR, rates=RATES, multiscale=True
+):
     """Return (layer specs in Caffe order, known tensors per PyTorch key)."""
     rng = np.random.default_rng(seed)
     known: dict[str, np.ndarray] = {}
@@ -168,9 +182,21 @@ def make_net(n_blocks, *, n_classes=21, classifier="fc1_voc12", seed=0, factor=F
             b = (rng.standard_normal(out_ch) * 0.1).astype(np.float32)
             known[key + ".bias"] = b
             blobs.append(b)
-        specs.append({"name": name, "type": "Convolution", "blobs": blobs,
-                      "conv": dict(num_output=out_ch, kernel=k, stride=stride, pad=pad, dilation=dilation,
-                                   bias=bias)})
+        specs.append(
+            {
+                "name": name,
+                "type": "Convolution",
+                "blobs": blobs,
+                "conv": {
+                    "num_output": out_ch,
+                    "kernel": k,
+                    "stride": stride,
+                    "pad": pad,
+                    "dilation": dilation,
+                    "bias": bias,
+                },
+            }
+        )
 
     def bn(bn_name, scale_name, key, ch):
         mean = (rng.standard_normal(ch) * 0.1).astype(np.float32)
@@ -184,8 +210,13 @@ def make_net(n_blocks, *, n_classes=21, classifier="fc1_voc12", seed=0, factor=F
         known[key + ".running_var"] = stored_var.astype(np.float64) / factor if factor else np.zeros(ch)
         known[key + ".weight"] = gamma
         known[key + ".bias"] = beta
-        specs.append({"name": bn_name, "type": "BatchNorm",
-                      "blobs": [stored_mean, stored_var, np.array([factor], np.float32)]})
+        specs.append(
+            {
+                "name": bn_name,
+                "type": "BatchNorm",
+                "blobs": [stored_mean, stored_var, np.array([factor], np.float32)],
+            }
+        )
         specs.append({"name": scale_name, "type": "Scale", "blobs": [gamma, beta]})
 
     stem = WIDTH[0] // 4
@@ -208,7 +239,15 @@ def make_net(n_blocks, *, n_classes=21, classifier="fc1_voc12", seed=0, factor=F
             conv(f"res{stage}{code}_branch2a", key + ".reduce.conv", mid, in_ch, 1, stride=stride)
             bn(f"bn{stage}{code}_branch2a", f"scale{stage}{code}_branch2a", key + ".reduce.bn", mid)
             specs.append({"name": f"res{stage}{code}_branch2a_relu", "type": "ReLU", "blobs": []})
-            conv(f"res{stage}{code}_branch2b", key + ".conv3x3.conv", mid, mid, 3, pad=dilation, dilation=dilation)
+            conv(
+                f"res{stage}{code}_branch2b",
+                key + ".conv3x3.conv",
+                mid,
+                mid,
+                3,
+                pad=dilation,
+                dilation=dilation,
+            )
             bn(f"bn{stage}{code}_branch2b", f"scale{stage}{code}_branch2b", key + ".conv3x3.bn", mid)
             specs.append({"name": f"res{stage}{code}_branch2b_relu", "type": "ReLU", "blobs": []})
             conv(f"res{stage}{code}_branch2c", key + ".increase.conv", out_ch, mid, 1)
@@ -218,7 +257,16 @@ def make_net(n_blocks, *, n_classes=21, classifier="fc1_voc12", seed=0, factor=F
             in_ch = out_ch
     if classifier:
         for i, rate in enumerate(rates):
-            conv(f"{classifier}_c{i}", f"base.aspp.c{i}", n_classes, WIDTH[3], 3, pad=rate, dilation=rate, bias=True)
+            conv(
+                f"{classifier}_c{i}",
+                f"base.aspp.c{i}",
+                n_classes,
+                WIDTH[3],
+                3,
+                pad=rate,
+                dilation=rate,
+                bias=True,
+            )
         specs.append({"name": classifier, "type": "Eltwise", "blobs": []})
     if multiscale:
         # the multi-scale branches: same weights under suffixed names, plus weightless helpers
@@ -273,7 +321,8 @@ def test_current_layout_every_tensor_lands_with_its_value(tmp_path):
     # the BN division by hand for one channel: stored sum / factor
     bn = next(s for s in specs if s["name"] == "bn4b2_branch2b")
     assert state["base.layer4.block3.conv3x3.bn.running_var"][0].item() == pytest.approx(
-        float(bn["blobs"][1][0]) / FACTOR, rel=1e-6)
+        float(bn["blobs"][1][0]) / FACTOR, rel=1e-6
+    )
     assert report["layout"] == "layer"
     assert report["architecture"]["n_blocks"] == list(n_blocks)
     assert report["architecture"]["width"] == list(WIDTH)
@@ -283,7 +332,9 @@ def test_current_layout_every_tensor_lands_with_its_value(tmp_path):
     assert report["warnings"] == []
     meta = report["meta"]
     assert meta["kind"] == "deeplabv2-voc" and meta["source"] == "train2_iter_20000.caffemodel"
-    assert meta["class_names"][:3] == ["background", "aeroplane", "bicycle"] and len(meta["class_names"]) == 21
+    assert (
+        meta["class_names"][:3] == ["background", "aeroplane", "bicycle"] and len(meta["class_names"]) == 21
+    )
     assert meta["backbone_only"] is False
 
 
@@ -307,7 +358,7 @@ def test_v1_layout_legacy_shapes_unpacked_and_double_data(tmp_path):
 
 
 def test_blob_without_any_shape_and_shape_mismatch(tmp_path):
-    specs, known = make_net((1, 1, 1, 1), multiscale=False)
+    specs, _known = make_net((1, 1, 1, 1), multiscale=False)
     # a BatchNorm blob that states no shape at all is taken as a vector
     path = write_net(tmp_path / "a.caffemodel", specs, shape_style="none")
     with pytest.raises(CheckpointError, match="conv1"):
@@ -328,7 +379,9 @@ def test_converted_model_gives_the_same_logits_as_one_built_from_the_values(tmp_
 
     reference = build_model(21, n_blocks=n_blocks, width=WIDTH)
     ref_state = reference.state_dict()
-    ref_state.update({k: torch.tensor(v, dtype=torch.float32).reshape(ref_state[k].shape) for k, v in known.items()})
+    ref_state.update(
+        {k: torch.tensor(v, dtype=torch.float32).reshape(ref_state[k].shape) for k, v in known.items()}
+    )
     reference.load_state_dict(ref_state)
     reference.eval()
 
@@ -345,7 +398,7 @@ def test_converted_model_gives_the_same_logits_as_one_built_from_the_values(tmp_
 
 
 def test_zero_moving_average_factor_gives_zero_statistics_like_caffe(tmp_path):
-    specs, known = make_net((1, 1, 1, 1), multiscale=False)
+    specs, _known = make_net((1, 1, 1, 1), multiscale=False)
     bn = next(s for s in specs if s["name"] == "bn2a_branch2b")
     specs = edit(specs, "bn2a_branch2b", blobs=[bn["blobs"][0], bn["blobs"][1], np.zeros(1, np.float32)])
     state, _ = convert_caffemodel(write_net(tmp_path / "m.caffemodel", specs))
@@ -381,6 +434,37 @@ def test_coco_init_backbone_dropped_or_kept(tmp_path):
         convert_caffemodel(path)  # as a VOC model
 
 
+def test_coco_init_with_a_single_classifier(tmp_path):
+    """A DeepLab-v1-style init with one classifier conv: dropped by default, kept as the only ASPP branch."""
+    n_blocks = (1, 1, 2, 1)
+    specs, known = make_net(n_blocks, n_classes=91, classifier="fc1", rates=(12,), multiscale=False)
+    specs = [{**s, "name": "fc1"} if s["name"] == "fc1_c0" else s for s in specs if s["name"] != "fc1"]
+    specs.append({"name": "fc1000", "type": "InnerProduct", "blobs": [np.ones((10, 2048), np.float32)]})
+    path = write_net(tmp_path / "init.caffemodel", specs)
+    state, report = convert_caffemodel(path, kind="init-coco")
+    check_all(state, {k: v for k, v in known.items() if ".aspp." not in k})
+    assert report["classifier"] == "dropped: fc1, fc1000"
+    with pytest.raises(CheckpointError, match="fc1, fc1000"):
+        convert_caffemodel(path, kind="init-coco", keep_classifier=True)
+    path = write_net(tmp_path / "init1.caffemodel", [s for s in specs if s["name"] != "fc1000"])
+    state, report = convert_caffemodel(path, kind="init-coco", keep_classifier=True)
+    check_all(state, known)
+    assert report["meta"]["atrous_rates"] == [12]
+    with pytest.raises(CheckpointError, match="fc1 "):
+        convert_caffemodel(path)  # a VOC DeepLab-v2 has ASPP branches, not a lone fc1
+
+
+@pytest.mark.slow
+def test_full_size_resnet101_names_and_shapes(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "WIDTH", (256, 512, 1024, 2048))
+    specs, known = make_net((3, 4, 23, 3), multiscale=False)
+    names = [s["name"] for s in specs]
+    assert {"res3b3_branch2c", "res4b22_branch2b", "scale4b22_branch2b", "res5c_branch2c"} <= set(names)
+    state, _report = convert_caffemodel(write_net(tmp_path / "train2_iter_20000.caffemodel", specs))
+    check_all(state, known)
+    assert set(state) == {k for k in build_model(21).state_dict() if not k.endswith("num_batches_tracked")}
+
+
 def test_training_starts_from_the_converted_backbone(tmp_path):
     init_weights = pytest.importorskip("train.init_weights")
     n_blocks = (1, 2, 2, 1)
@@ -394,8 +478,9 @@ def test_training_starts_from_the_converted_backbone(tmp_path):
         state = model.state_dict()
         for key, value in known.items():
             if ".aspp." not in key:
-                np.testing.assert_allclose(state[key].numpy(), value.reshape(state[key].shape), rtol=1e-6,
-                                           atol=1e-7, err_msg=key)
+                np.testing.assert_allclose(
+                    state[key].numpy(), value.reshape(state[key].shape), rtol=1e-6, atol=1e-7, err_msg=key
+                )
 
 
 def test_multiscale_copy_that_differs_is_reported(tmp_path):
@@ -406,18 +491,28 @@ def test_multiscale_copy_that_differs_is_reported(tmp_path):
     assert any("res2a_branch2a_res075" in w for w in report["warnings"])
 
 
-@pytest.mark.parametrize("name, changes, message", [
-    ("res3a_branch1", {"conv_changes": {"stride": 1}}, r"res3a_branch1.*stride \(1, 1\) \(model \(2, 2\)\)"),
-    ("res3a_branch2a", {"conv_changes": {"stride": 1}}, r"res3a_branch2a.*stride"),
-    ("res4a_branch2b", {"conv_changes": {"dilation": 1, "pad": 1}}, r"res4a_branch2b.*dilation \(1, 1\)"),
-    ("res5a_branch2b", {"conv_changes": {"pad": 2}}, r"res5a_branch2b.*pad \(2, 2\) \(model \(4, 4\)\)"),
-    ("conv1", {"conv_changes": {"pad": 0}}, r"'conv1'.*pad"),
-    ("fc1_voc12_c2", {"conv_changes": {"pad": 6}}, r"fc1_voc12_c2.*pad \(6, 6\) \(model \(18, 18\)\)"),
-    ("bn3a_branch2c", {"eps": 1e-3}, r"bn3a_branch2c.*eps 0.001"),
-    ("res2a_branch2c", {"blobs": [np.zeros((16, 4, 1, 1), np.float32), np.zeros(16, np.float32)]},
-     r"res2a_branch2c.*no bias"),
-    ("scale4a_branch1", {"blobs": [np.ones(64, np.float32)]}, r"scale4a_branch1.*1 blobs"),
-])
+@pytest.mark.parametrize(
+    "name, changes, message",
+    [
+        (
+            "res3a_branch1",
+            {"conv_changes": {"stride": 1}},
+            r"res3a_branch1.*stride \(1, 1\) \(model \(2, 2\)\)",
+        ),
+        ("res3a_branch2a", {"conv_changes": {"stride": 1}}, r"res3a_branch2a.*stride"),
+        ("res4a_branch2b", {"conv_changes": {"dilation": 1, "pad": 1}}, r"res4a_branch2b.*dilation \(1, 1\)"),
+        ("res5a_branch2b", {"conv_changes": {"pad": 2}}, r"res5a_branch2b.*pad \(2, 2\) \(model \(4, 4\)\)"),
+        ("conv1", {"conv_changes": {"pad": 0}}, r"'conv1'.*pad"),
+        ("fc1_voc12_c2", {"conv_changes": {"pad": 6}}, r"fc1_voc12_c2.*pad \(6, 6\) \(model \(18, 18\)\)"),
+        ("bn3a_branch2c", {"eps": 1e-3}, r"bn3a_branch2c.*eps 0.001"),
+        (
+            "res2a_branch2c",
+            {"blobs": [np.zeros((16, 4, 1, 1), np.float32), np.zeros(16, np.float32)]},
+            r"res2a_branch2c.*no bias",
+        ),
+        ("scale4a_branch1", {"blobs": [np.ones(64, np.float32)]}, r"scale4a_branch1.*1 blobs"),
+    ],
+)
 def test_architecture_mismatches_are_named(tmp_path, name, changes, message):
     specs, _ = make_net((1, 1, 1, 1), multiscale=False)
     path = write_net(tmp_path / "m.caffemodel", edit(specs, name, **changes))
@@ -428,10 +523,18 @@ def test_architecture_mismatches_are_named(tmp_path, name, changes, message):
 def test_missing_and_unmapped_layers_are_named(tmp_path):
     specs, _ = make_net((1, 2, 1, 1), multiscale=False)
     missing = [s for s in specs if s["name"] != "bn3b1_branch2b"]
-    with pytest.raises(CheckpointError, match=r"base\.layer3\.block2\.conv3x3\.bn\.running_mean.*bn3b1_branch2b"):
+    with pytest.raises(
+        CheckpointError, match=r"base\.layer3\.block2\.conv3x3\.bn\.running_mean.*bn3b1_branch2b"
+    ):
         convert_caffemodel(write_net(tmp_path / "a.caffemodel", missing))
-    extra = specs + [{"name": "extra_conv", "type": "Convolution", "blobs": [np.ones((2, 2, 1, 1), np.float32)],
-                      "conv": dict(num_output=2, kernel=1)}]
+    extra = specs + [
+        {
+            "name": "extra_conv",
+            "type": "Convolution",
+            "blobs": [np.ones((2, 2, 1, 1), np.float32)],
+            "conv": {"num_output": 2, "kernel": 1},
+        }
+    ]
     with pytest.raises(CheckpointError, match="extra_conv"):
         convert_caffemodel(write_net(tmp_path / "b.caffemodel", extra))
     mistyped = edit(specs, "bn2a_branch1", type="Convolution")
@@ -476,9 +579,20 @@ def test_truncated_and_foreign_files(tmp_path):
 
 def test_vgg_deeplab_is_refused_by_name(tmp_path):
     specs = [{"name": "data", "type": "Data", "blobs": []}]
-    for name, out_ch, in_ch in (("conv1_1", 64, 3), ("conv1_2", 64, 64), ("fc6", 8, 64), ("fc8_voc12", 21, 8)):
-        specs.append({"name": name, "type": "Convolution", "conv": dict(num_output=out_ch, kernel=3, pad=1, bias=True),
-                      "blobs": [np.zeros((out_ch, in_ch, 3, 3), np.float32), np.zeros(out_ch, np.float32)]})
+    for name, out_ch, in_ch in (
+        ("conv1_1", 64, 3),
+        ("conv1_2", 64, 64),
+        ("fc6", 8, 64),
+        ("fc8_voc12", 21, 8),
+    ):
+        specs.append(
+            {
+                "name": name,
+                "type": "Convolution",
+                "conv": {"num_output": out_ch, "kernel": 3, "pad": 1, "bias": True},
+                "blobs": [np.zeros((out_ch, in_ch, 3, 3), np.float32), np.zeros(out_ch, np.float32)],
+            }
+        )
     path = write_net(tmp_path / "vgg16.caffemodel", specs)
     with pytest.raises(CheckpointError, match=r"vgg16\.caffemodel.*conv1_1.*not look like a ResNet DeepLab"):
         convert_caffemodel(path)
@@ -506,7 +620,9 @@ def test_wire_reader_agrees_with_google_protobuf(tmp_path):
     from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
     F = descriptor_pb2.FieldDescriptorProto
-    fdp = descriptor_pb2.FileDescriptorProto(name="caffe_subset.proto", package="caffe_subset", syntax="proto2")
+    fdp = descriptor_pb2.FileDescriptorProto(
+        name="caffe_subset.proto", package="caffe_subset", syntax="proto2"
+    )
 
     def message(name, fields):
         m = fdp.message_type.add(name=name)
@@ -519,28 +635,54 @@ def test_wire_reader_agrees_with_google_protobuf(tmp_path):
 
     OPT, REP = F.LABEL_OPTIONAL, F.LABEL_REPEATED
     message("BlobShape", [("dim", 1, F.TYPE_INT64, REP, None, True)])
-    message("BlobProto", [("shape", 7, F.TYPE_MESSAGE, OPT, "BlobShape", False),
-                          ("data", 5, F.TYPE_FLOAT, REP, None, True),
-                          ("double_data", 8, F.TYPE_DOUBLE, REP, None, True),
-                          ("num", 1, F.TYPE_INT32, OPT, None, False), ("channels", 2, F.TYPE_INT32, OPT, None, False),
-                          ("height", 3, F.TYPE_INT32, OPT, None, False), ("width", 4, F.TYPE_INT32, OPT, None, False)])
-    message("ConvolutionParameter", [("num_output", 1, F.TYPE_UINT32, OPT, None, False),
-                                     ("bias_term", 2, F.TYPE_BOOL, OPT, None, False),
-                                     ("pad", 3, F.TYPE_UINT32, REP, None, False),
-                                     ("kernel_size", 4, F.TYPE_UINT32, REP, None, False),
-                                     ("stride", 6, F.TYPE_UINT32, REP, None, False),
-                                     ("dilation", 18, F.TYPE_UINT32, REP, None, False)])
-    message("BatchNormParameter", [("use_global_stats", 1, F.TYPE_BOOL, OPT, None, False),
-                                   ("eps", 3, F.TYPE_FLOAT, OPT, None, False)])
-    message("LayerParameter", [("name", 1, F.TYPE_STRING, OPT, None, False), ("type", 2, F.TYPE_STRING, OPT, None, False),
-                               ("bottom", 3, F.TYPE_STRING, REP, None, False), ("top", 4, F.TYPE_STRING, REP, None, False),
-                               ("blobs", 7, F.TYPE_MESSAGE, REP, "BlobProto", False),
-                               ("convolution_param", 106, F.TYPE_MESSAGE, OPT, "ConvolutionParameter", False),
-                               ("batch_norm_param", 139, F.TYPE_MESSAGE, OPT, "BatchNormParameter", False)])
-    message("NetParameter", [("name", 1, F.TYPE_STRING, OPT, None, False),
-                             ("input", 3, F.TYPE_STRING, REP, None, False),
-                             ("input_dim", 4, F.TYPE_INT32, REP, None, False),
-                             ("layer", 100, F.TYPE_MESSAGE, REP, "LayerParameter", False)])
+    message(
+        "BlobProto",
+        [
+            ("shape", 7, F.TYPE_MESSAGE, OPT, "BlobShape", False),
+            ("data", 5, F.TYPE_FLOAT, REP, None, True),
+            ("double_data", 8, F.TYPE_DOUBLE, REP, None, True),
+            ("num", 1, F.TYPE_INT32, OPT, None, False),
+            ("channels", 2, F.TYPE_INT32, OPT, None, False),
+            ("height", 3, F.TYPE_INT32, OPT, None, False),
+            ("width", 4, F.TYPE_INT32, OPT, None, False),
+        ],
+    )
+    message(
+        "ConvolutionParameter",
+        [
+            ("num_output", 1, F.TYPE_UINT32, OPT, None, False),
+            ("bias_term", 2, F.TYPE_BOOL, OPT, None, False),
+            ("pad", 3, F.TYPE_UINT32, REP, None, False),
+            ("kernel_size", 4, F.TYPE_UINT32, REP, None, False),
+            ("stride", 6, F.TYPE_UINT32, REP, None, False),
+            ("dilation", 18, F.TYPE_UINT32, REP, None, False),
+        ],
+    )
+    message(
+        "BatchNormParameter",
+        [("use_global_stats", 1, F.TYPE_BOOL, OPT, None, False), ("eps", 3, F.TYPE_FLOAT, OPT, None, False)],
+    )
+    message(
+        "LayerParameter",
+        [
+            ("name", 1, F.TYPE_STRING, OPT, None, False),
+            ("type", 2, F.TYPE_STRING, OPT, None, False),
+            ("bottom", 3, F.TYPE_STRING, REP, None, False),
+            ("top", 4, F.TYPE_STRING, REP, None, False),
+            ("blobs", 7, F.TYPE_MESSAGE, REP, "BlobProto", False),
+            ("convolution_param", 106, F.TYPE_MESSAGE, OPT, "ConvolutionParameter", False),
+            ("batch_norm_param", 139, F.TYPE_MESSAGE, OPT, "BatchNormParameter", False),
+        ],
+    )
+    message(
+        "NetParameter",
+        [
+            ("name", 1, F.TYPE_STRING, OPT, None, False),
+            ("input", 3, F.TYPE_STRING, REP, None, False),
+            ("input_dim", 4, F.TYPE_INT32, REP, None, False),
+            ("layer", 100, F.TYPE_MESSAGE, REP, "LayerParameter", False),
+        ],
+    )
     pool = descriptor_pool.DescriptorPool()
     pool.Add(fdp)
     Net = message_factory.GetMessageClass(pool.FindMessageTypeByName("caffe_subset.NetParameter"))
@@ -554,8 +696,10 @@ def test_wire_reader_agrees_with_google_protobuf(tmp_path):
     assert list(by_name["res3a_branch2a"].convolution_param.stride) == [2]
     assert list(by_name["res4a_branch2b"].convolution_param.dilation) == [2]
     assert list(by_name["conv1"].blobs[0].shape.dim) == [4, 3, 7, 7]
-    np.testing.assert_array_equal(np.array(by_name["conv1"].blobs[0].data, np.float32),
-                                  known["base.layer1.conv1.conv.weight"].reshape(-1))
+    np.testing.assert_array_equal(
+        np.array(by_name["conv1"].blobs[0].data, np.float32),
+        known["base.layer1.conv1.conv.weight"].reshape(-1),
+    )
     assert by_name["bn_conv1"].blobs[2].data[0] == pytest.approx(FACTOR)
 
     # 2. protobuf's bytes, decoded by the converter's reader (the first layers, re-serialised)
@@ -569,7 +713,7 @@ def test_wire_reader_agrees_with_google_protobuf(tmp_path):
     layer.convolution_param.pad.append(12)
     other = tmp_path / "theirs.caffemodel"
     other.write_bytes(net2.SerializeToString())
-    layout, layers = read_caffemodel(other)
+    _layout, layers = read_caffemodel(other)
     ours = {x.name: x for x in layers}
     assert ours["extra"].blobs[0].shape == (1, 2, 1, 3)
     np.testing.assert_array_equal(ours["extra"].blobs[0].data, np.float32([0.5, -1.25, 2.0, 3.0, 4.0, 5.5]))
@@ -577,4 +721,6 @@ def test_wire_reader_agrees_with_google_protobuf(tmp_path):
     assert ours["extra"].conv.pad == (12, 12) and ours["extra"].conv.bias_term is True
     assert ours["res3a_branch1"].conv.stride == (2, 2) and ours["res3a_branch1"].conv.bias_term is False
     assert ours["bn_conv1"].bn_eps is None or ours["bn_conv1"].bn_eps == pytest.approx(1e-5)
-    np.testing.assert_array_equal(ours["conv1"].blobs[0].data, known["base.layer1.conv1.conv.weight"].reshape(-1))
+    np.testing.assert_array_equal(
+        ours["conv1"].blobs[0].data, known["base.layer1.conv1.conv.weight"].reshape(-1)
+    )
