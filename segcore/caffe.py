@@ -738,7 +738,7 @@ def convert_caffemodel(path: str | Path, *, kind: str = "deeplabv2-voc", keep_cl
 
 
 def _sort_layers(path: Path, layers: list[Layer], kind: str, keep_classifier: bool):
-    """Map each layer with blobs to ``(module path, role)``; set aside multi-scale copies and weightless ones."""
+    """Map each layer with blobs to ``(module path, role)``; set multi-scale copies and weightless ones aside."""
     mapped: dict[tuple[str, str], Layer] = {}
     shared: list[tuple[Layer, str]] = []
     ignored: list[str] = []

@@ -396,6 +396,11 @@ def test_converted_model_gives_the_same_logits_as_one_built_from_the_values(tmp_
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * scale)
     assert report["tensors"] == len(known)
 
+    from segcore import Segmenter
+
+    segmenter = Segmenter.from_pretrained(str(tmp_path / "voc.pth"), scales=(), device="cpu", test_size=65)
+    assert segmenter.class_names[:2] == ("background", "aeroplane")
+
 
 def test_zero_moving_average_factor_gives_zero_statistics_like_caffe(tmp_path):
     specs, _known = make_net((1, 1, 1, 1), multiscale=False)
