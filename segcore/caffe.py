@@ -150,6 +150,8 @@ def _floats(buf, wire, value, end, dtype: str, width: int, tag: int):
                 f"a packed {dtype} run of {stop - pos} bytes is not a multiple of {width} at byte {pos}"
             )
         return np.frombuffer(buf, dtype=dtype, count=(stop - pos) // width, offset=pos), None
+    if buf[value - 1] != tag:  # a tag written in more bytes than needed: take the one value
+        return np.frombuffer(buf, dtype=dtype, count=1, offset=value), value + width
     pos = value - 1  # the one-byte tag in front of the value (fields 5 and 8 have one-byte tags)
     rec = 1 + width
     n_max = (end - pos) // rec
@@ -420,8 +422,9 @@ def _refuse_known_foreign(path: Path, data: bytes) -> None:
     for magic, what in known:
         if head.startswith(magic):
             raise CheckpointError(f"{path}: not a Caffe model: this is {what}")
-    text = data[:4096].lstrip()
-    if re.match(rb"^(name\s*:|layers?\s*\{|input\s*:|#)", text):
+    head = data[:4096]
+    is_text = not re.search(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]", head)
+    if is_text and re.match(rb"^\s*(name\s*:|layers?\s*\{|input\s*:|#)", head):
         raise CheckpointError(
             f"{path}: this is a text .prototxt (the network description), not a binary "
             ".caffemodel; it holds no weights"
@@ -568,7 +571,8 @@ def convert_caffemodel(path: str | Path, *, kind: str = "deeplabv2-voc", keep_cl
     if min(n_blocks) == 0:
         missing = [f"res{i + 2}" for i, n in enumerate(n_blocks) if n == 0]
         raise CheckpointError(
-            f"{path}: no layers for stage(s) {', '.join(missing)}: not a ResNet DeepLab model"
+            f"{path}: no layers for stage(s) {', '.join(missing)}: not a ResNet DeepLab model "
+            "(or the file is incomplete)"
         )
     width = []
     for stage in range(2, 6):
@@ -690,6 +694,7 @@ def convert_caffemodel(path: str | Path, *, kind: str = "deeplabv2-voc", keep_cl
         raise CheckpointError(
             f"{path}: {len(unfilled)} model parameters have no layer in the file: {listed}"
             + (" ..." if len(unfilled) > 10 else "")
+            + " (is the file complete?)"
         )
     out = {k: state[k] for k in expected if k in state}  # the model's key order
 
@@ -738,7 +743,7 @@ def convert_caffemodel(path: str | Path, *, kind: str = "deeplabv2-voc", keep_cl
 
 
 def _sort_layers(path: Path, layers: list[Layer], kind: str, keep_classifier: bool):
-    """Map each layer with blobs to ``(module path, role)``; set multi-scale copies and weightless ones aside."""
+    """Map each layer with blobs to ``(module path, role)``; set multi-scale copies and weightless aside."""
     mapped: dict[tuple[str, str], Layer] = {}
     shared: list[tuple[Layer, str]] = []
     ignored: list[str] = []

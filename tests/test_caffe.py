@@ -570,6 +570,24 @@ def test_truncated_and_foreign_files(tmp_path):
     with pytest.raises(CheckpointError, match="zip"):
         convert_caffemodel(pth)
 
+    # cut exactly between two layers: the file parses, and the missing layers are named
+    layers_start = good.index(layer_bytes(make_net((1, 1, 1, 1))[0][0], "layer", "shape"))
+    ends, pos = [], layers_start
+    while pos < len(good):  # walk the top-level 'layer' fields (tag 0xA2 0x06, then a varint length)
+        length, n = 0, 0
+        while True:
+            b = good[pos + 2 + n]
+            length |= (b & 0x7F) << (7 * n)
+            n += 1
+            if b < 0x80:
+                break
+        pos += 2 + n + length
+        ends.append(pos)
+    short = tmp_path / "short.caffemodel"
+    short.write_bytes(good[: ends[len(ends) // 2]])
+    with pytest.raises(CheckpointError, match=r"short\.caffemodel.*(res5|layer5).*complete"):
+        convert_caffemodel(short)
+
     empty = tmp_path / "empty.caffemodel"
     empty.write_bytes(b"")
     with pytest.raises(CheckpointError, match="empty"):
@@ -580,6 +598,15 @@ def test_truncated_and_foreign_files(tmp_path):
     lone.write_bytes(blob(np.ones(3, np.float32)))
     with pytest.raises(CheckpointError, match="no layers"):
         convert_caffemodel(lone)
+
+
+def test_binary_file_whose_name_length_is_a_hash_sign_is_not_taken_for_text(tmp_path):
+    specs, known = make_net((1, 1, 1, 1), multiscale=False)
+    path = write_net(tmp_path / "m.caffemodel", specs)
+    name = "x" * 35  # length byte 0x23 is '#', after a 0x0A (field 1) tag: "\n#xxx..."
+    path.write_bytes(f_string(1, name) + path.read_bytes())
+    state, _ = convert_caffemodel(path)
+    check_all(state, known)
 
 
 def test_vgg_deeplab_is_refused_by_name(tmp_path):
