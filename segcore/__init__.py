@@ -1,5 +1,6 @@
 """segcore: DeepLab-v2 ResNet-101 inference, checkpoints, CRF, metrics and evaluation, without UI."""
 
+from .caffe import convert_caffe_file, convert_caffemodel, read_backbone
 from .checkpoint import Checkpoint, load_model, read_checkpoint, save_checkpoint
 from .crf import DenseCRF
 from .datasets import DatasetError, Sample, SegmentationDataset, open_dataset
@@ -25,7 +26,8 @@ def __getattr__(name):
 
 
 __all__ = [*_REPORT, "DatasetError", "EvaluationError", "EvaluationResult", "Sample", "SegmentationDataset",
-           "evaluate", "open_dataset", "ConfusionMatrix", "MetricsError", "compute_scores", "image_scores", "to_json_dict",
+           "evaluate", "open_dataset", "convert_caffe_file", "convert_caffemodel", "read_backbone",
+           "ConfusionMatrix", "MetricsError", "compute_scores", "image_scores", "to_json_dict",
     "BGR_MEAN", "MSC", "REGISTRY", "Checkpoint", "CheckpointError", "DeepLabV2", "DenseCRF", "DownloadError",
     "ImageError", "ModelConfig", "Prediction", "SegcoreError", "Segmenter", "Weights", "build_model",
     "cache_dir", "download", "load_image", "load_model", "msc_forward", "palette_image", "read_checkpoint",

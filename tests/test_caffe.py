@@ -10,7 +10,6 @@ the converter's parsing.
 
 from __future__ import annotations
 
-import argparse
 import struct
 import sys
 
@@ -20,8 +19,6 @@ import torch
 
 from segcore import CheckpointError, build_model, load_model, read_checkpoint
 from segcore.caffe import (
-    add_convert_caffe_arguments,
-    convert_caffe_cli,
     convert_caffe_file,
     convert_caffemodel,
     read_backbone,
@@ -471,7 +468,7 @@ def test_full_size_resnet101_names_and_shapes(tmp_path, monkeypatch):
 
 
 def test_training_starts_from_the_converted_backbone(tmp_path):
-    init_weights = pytest.importorskip("train.init_weights")
+    from train import init_weights
     n_blocks = (1, 2, 2, 1)
     specs, known = make_net(n_blocks, n_classes=91, classifier="fc1", seed=11)
     path = write_net(tmp_path / "init.caffemodel", specs)
@@ -630,25 +627,24 @@ def test_vgg_deeplab_is_refused_by_name(tmp_path):
         convert_caffemodel(path)
 
 
-def test_cli_functions(tmp_path, capsys):
+def test_cli_command(tmp_path, capsys):
+    from segcore.cli import main
+
     specs, _ = make_net((1, 2, 2, 1))
     path = write_net(tmp_path / "train2_iter_20000.caffemodel", specs)
-    parser = argparse.ArgumentParser()
-    add_convert_caffe_arguments(parser)
-    args = parser.parse_args([str(path), str(tmp_path / "out" / "voc.pth")])
-    assert args.kind == "deeplabv2-voc" and args.keep_classifier is False
-    assert convert_caffe_cli(args) == 0
+    assert main(["convert-caffe", str(path), str(tmp_path / "out" / "voc.pth")]) == 0
     printed = capsys.readouterr().out
     assert "wrote" in printed and "voc.pth" in printed
     ckpt = read_checkpoint(tmp_path / "out" / "voc.pth")
     assert ckpt.meta["kind"] == "deeplabv2-voc" and ckpt.n_classes == 21
     with pytest.raises(SystemExit):
-        parser.parse_args([str(path), "x.pth", "--kind", "imagenet"])
+        main(["convert-caffe", str(path), "x.pth", "--kind", "imagenet"])
+    assert main(["convert-caffe", str(tmp_path / "absent.caffemodel"), "x.pth"]) == 2
+    assert "absent.caffemodel" in capsys.readouterr().err
 
 
 def test_wire_reader_agrees_with_google_protobuf(tmp_path):
     """Cross-check the encoder above and the converter's reader against protobuf's own codec."""
-    pytest.importorskip("google.protobuf")
     from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
     F = descriptor_pb2.FieldDescriptorProto
