@@ -149,23 +149,29 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     return Checkpoint(state, dict(meta), path)
 
 
-def load_state_strict(model: MSC, state: dict, where: str = "checkpoint") -> None:
-    """Copy ``state`` into ``model``, failing with every missing, unexpected or mis-shaped key listed.
+def state_mismatch(expected: dict, state: dict) -> str | None:
+    """Every missing, unexpected or mis-shaped key of ``state`` against ``expected``, or None if it fits.
 
     BatchNorm's ``num_batches_tracked`` counters may be absent (the published files predate them).
     """
-    expected = model.state_dict()
     missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in expected]
     shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
               for k in expected if k in state and state[k].shape != expected[k].shape]
-    if missing or unexpected or shapes:
-        parts = []
-        for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", shapes)):
-            if items:
-                shown = "\n    ".join(items[:20]) + (f"\n    ... and {len(items) - 20} more" if len(items) > 20 else "")
-                parts.append(f"  {title} ({len(items)}):\n    {shown}")
-        raise CheckpointError(f"{where} does not match the DeepLab-v2 architecture:\n" + "\n".join(parts))
+    parts = []
+    for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", shapes)):
+        if items:
+            shown = "\n    ".join(items[:20]) + (f"\n    ... and {len(items) - 20} more" if len(items) > 20 else "")
+            parts.append(f"  {title} ({len(items)}):\n    {shown}")
+    return "\n".join(parts) or None
+
+
+def load_state_strict(model: MSC, state: dict, where: str = "checkpoint") -> None:
+    """Copy ``state`` into ``model``, failing with every missing, unexpected or mis-shaped key listed."""
+    expected = model.state_dict()
+    problems = state_mismatch(expected, state)
+    if problems:
+        raise CheckpointError(f"{where} does not match the DeepLab-v2 architecture:\n{problems}")
     full = {k: state.get(k, expected[k]) for k in expected}
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in full.items()}, strict=True)
 

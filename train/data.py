@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from annotations import voc_colormap
+
 from .augmentation import IGNORE_INDEX, augment
 from .errors import TrainError
 
@@ -166,20 +168,6 @@ SYNTHETIC_CLASSES = ("background", "disc", "square", "triangle")
 _CLASS_COLOURS = {1: (220, 60, 50), 2: (40, 170, 70), 3: (50, 80, 220)}
 
 
-def _voc_palette() -> list[int]:
-    pal = []
-    for i in range(256):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        pal += [r, g, b]
-    return pal
-
-
 def synthetic_sample(size: int, n_classes: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Coloured shapes (disc, square, triangle) on a textured background; labels 0..n_classes-1."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
@@ -217,7 +205,7 @@ def make_synthetic_voc(root: Path, *, n_train: int, n_val: int, size: int, n_cla
     (root / "SegmentationClass").mkdir(parents=True, exist_ok=True)
     (root / "ImageSets" / "Segmentation").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    palette = _voc_palette()
+    palette = voc_colormap(256).ravel().tolist()
     names = {"train": [], "val": []}
     for i in range(n_train + n_val):
         split = "train" if i < n_train else "val"

@@ -40,8 +40,15 @@ from segcore.model import build_model
 from . import init_weights
 from .augmentation import IGNORE_INDEX, preprocess_eval
 from .config import ConfigError, TrainConfig, dump_config
-from .data import (SYNTHETIC_CLASSES, GlobalBatchSampler, TrainSet, check_label, make_loader, open_datasets,
-                   source_of)
+from .data import (
+    SYNTHETIC_CLASSES,
+    GlobalBatchSampler,
+    TrainSet,
+    check_label,
+    make_loader,
+    open_datasets,
+    source_of,
+)
 from .errors import TrainError
 
 CHECKPOINT_FORMAT = 1

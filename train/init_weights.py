@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from segcore.checkpoint import normalize_keys, resolve_checkpoint
+from segcore.checkpoint import normalize_keys, resolve_checkpoint, state_mismatch
 from segcore.errors import CheckpointError
 
 from .errors import TrainError
@@ -101,19 +101,10 @@ def _copy_into(model: nn.Module, state: dict, where: str, *, skip_aspp: bool) ->
     expected = model.state_dict()
     own = {k: v for k, v in expected.items() if not (skip_aspp and ".aspp." in k)}
     state = {k: v for k, v in state.items() if not (skip_aspp and ".aspp." in k)}
-    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in expected]
-    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        parts = []
-        for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes",
-                                                                                          shapes)):
-            if items:
-                more = " ..." if len(items) > 8 else ""
-                parts.append(f"  {title} ({len(items)}): " + ", ".join(items[:8]) + more)
+    problems = state_mismatch(own, state)
+    if problems:
         raise TrainError(f"{where} does not fit the configured model (check model.n_blocks, width, "
-                         "stride_in_1x1):\n" + "\n".join(parts))
+                         "stride_in_1x1):\n" + problems)
     with torch.no_grad():
         for k, v in state.items():
             if k in own:
