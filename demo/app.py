@@ -1,0 +1,53 @@
+"""The Blocks app: model panel on top, one tab per task; queue and upload limits."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from . import convert_tab, evaluate_tab, image_tab, video_tab, webcam_tab
+from .common import EXAMPLES_DIR, AppConfig, WorkDir
+from .models import ModelStore
+from .panel import Context, build_panel
+
+TITLE = "DeepLab-v2 semantic segmentation"
+
+CSS = """
+.limits { opacity: 0.75; font-size: 0.9em; }
+.segcore-legend td, .segcore-legend th { padding: 2px 8px; }
+"""
+
+INTRO = (f"# {TITLE}\n"
+         "Segment photos, videos and your webcam with DeepLab-v2 ResNet-101, measure a model on your own "
+         "labelme annotations, and convert labelme files to a VOC-style dataset. Every tab is also an API "
+         "endpoint (see *Use via API* at the bottom).")
+
+
+def build_app(config: AppConfig | None = None) -> gr.Blocks:
+    """The app, queued (``default_concurrency_limit`` 1 on the CPU, 2 on a GPU; ``max_size`` on the queue).
+
+    Nothing is loaded here: weights load on first use, so the app starts in seconds even offline.
+    """
+    cfg = config or AppConfig.from_env()
+    store = ModelStore(cfg.weights, upload_dir=cfg.work_dir / "checkpoints", max_loaded=cfg.max_loaded_models,
+                       max_pixels=cfg.max_image_pixels, device=cfg.device)
+    ctx = Context(cfg, store, WorkDir(cfg.work_dir, cfg.keep_seconds))
+    with gr.Blocks(title=TITLE, delete_cache=(3600, cfg.keep_seconds)) as demo:
+        gr.Markdown(INTRO)
+        build_panel(ctx)
+        with gr.Tabs():
+            image_tab.build(ctx)
+            video_tab.build(ctx)
+            webcam_tab.build(ctx)
+            evaluate_tab.build(ctx)
+            convert_tab.build(ctx)
+    demo.queue(max_size=cfg.queue_size, default_concurrency_limit=cfg.job_concurrency())
+    demo.segcore = ctx
+    return demo
+
+
+def launch(demo: gr.Blocks, *, server_name: str | None = None, server_port: int | None = None, **kwargs):
+    """``demo.launch`` with the app's upload cap, allowed folders and theme."""
+    cfg: AppConfig = demo.segcore.config
+    return demo.launch(server_name=server_name, server_port=server_port, max_file_size=cfg.max_file_size,
+                       allowed_paths=[str(cfg.work_dir), str(EXAMPLES_DIR)], theme=gr.themes.Soft(), css=CSS,
+                       footer_links=["api", "gradio", "settings"], **kwargs)

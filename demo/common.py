@@ -1,0 +1,218 @@
+"""Glue shared by the tabs: settings, readable errors, request folders, uploads, zips, the legend."""
+
+from __future__ import annotations
+
+import contextlib
+import html
+import logging
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gradio as gr
+
+import annotations
+import segcore
+
+log = logging.getLogger("demo")
+
+EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
+
+
+def _env_int(name: str, default: int | None) -> int | None:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    return int(float(value)) or None
+
+
+@dataclass
+class AppConfig:
+    """Everything the app is built from; :meth:`from_env` reads the ``SEGCORE_*`` variables."""
+
+    weights: str = "voc12"
+    device: str = "auto"
+    max_image_pixels: int | None = 25_000_000
+    max_video_seconds: int | None = 120
+    max_video_frames: int | None = 3600
+    max_video_pixels: int | None = 1920 * 1080
+    max_file_size: str = "200mb"
+    queue_size: int = 16
+    concurrency: int | None = None
+    """Jobs run at once per event; None: 1 on the CPU, 2 on a GPU."""
+    max_loaded_models: int = 2
+    work_dir: Path = field(default_factory=lambda: Path(tempfile.gettempdir()) / "segcore-app")
+    keep_seconds: int = 3600
+    """Result files older than this are removed when later requests come in."""
+
+    @classmethod
+    def from_env(cls, **overrides) -> "AppConfig":
+        cfg = cls(
+            weights=os.environ.get("SEGCORE_WEIGHTS") or "voc12",
+            device=os.environ.get("SEGCORE_DEVICE") or "auto",
+            max_image_pixels=_env_int("SEGCORE_MAX_IMAGE_PIXELS", cls.max_image_pixels),
+            max_video_seconds=_env_int("SEGCORE_MAX_VIDEO_SECONDS", cls.max_video_seconds),
+            max_video_frames=_env_int("SEGCORE_MAX_VIDEO_FRAMES", cls.max_video_frames),
+            max_video_pixels=_env_int("SEGCORE_MAX_VIDEO_PIXELS", cls.max_video_pixels),
+            max_file_size=os.environ.get("SEGCORE_MAX_FILE_SIZE") or cls.max_file_size,
+            queue_size=_env_int("SEGCORE_QUEUE_SIZE", cls.queue_size) or 16,
+            concurrency=_env_int("SEGCORE_CONCURRENCY", None),
+        )
+        if os.environ.get("SEGCORE_APP_DIR"):
+            cfg.work_dir = Path(os.environ["SEGCORE_APP_DIR"])
+        for key, value in overrides.items():
+            if value is not None:
+                setattr(cfg, key, value)
+        return cfg
+
+    def job_concurrency(self) -> int:
+        if self.concurrency:
+            return self.concurrency
+        import torch
+
+        return 2 if torch.cuda.is_available() and self.device != "cpu" else 1
+
+
+# ----------------------------------------------------------------------------- errors
+
+def readable(message: str) -> str:
+    """An error message without the server's temporary folders (file names stay)."""
+    tmp = re.escape(os.path.realpath(tempfile.gettempdir()))
+    pattern = rf"(?:/private)?{tmp}/(?:[^/\s'\":]+/)*"
+    return re.sub(pattern, "", str(message)).strip()
+
+
+USER_ERRORS = (segcore.SegcoreError, annotations.AnnotationError, ValueError, OSError, zipfile.BadZipFile)
+
+
+@contextlib.contextmanager
+def user_errors(what: str = ""):
+    """Turn bad input (segcore / annotations errors and friends) into a :class:`gr.Error`.
+
+    Anything else is a bug: logged with its traceback, and still reported readably so the
+    browser never shows a bare "Error".
+    """
+    try:
+        yield
+    except gr.Error:
+        raise
+    except USER_ERRORS as exc:
+        prefix = f"{what}: " if what else ""
+        raise gr.Error(prefix + readable(str(exc) or type(exc).__name__), duration=None) from exc
+    except Exception as exc:  # pragma: no cover - a bug, but the server keeps serving
+        log.exception("unexpected error")
+        raise gr.Error(f"Unexpected error ({type(exc).__name__}): {readable(str(exc))}", duration=None) from exc
+
+
+def require(value, message: str):
+    if value is None or value == [] or value == "":
+        raise gr.Error(message)
+    return value
+
+
+# ----------------------------------------------------------------------------- files
+
+
+class WorkDir:
+    """Per-request result folders under one root; folders older than ``keep_seconds`` are swept."""
+
+    def __init__(self, root: Path, keep_seconds: int = 3600):
+        self.root = Path(root)
+        self.keep_seconds = keep_seconds
+        self._lock = threading.Lock()
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def new(self, kind: str) -> Path:
+        self.sweep()
+        (self.root / "jobs").mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f"{kind}-", dir=self.root / "jobs"))
+
+    def sweep(self) -> None:
+        jobs = self.root / "jobs"
+        if not jobs.is_dir():
+            return
+        limit = time.time() - self.keep_seconds
+        with self._lock:
+            for d in jobs.iterdir():
+                try:
+                    if d.stat().st_mtime < limit:
+                        shutil.rmtree(d, ignore_errors=True)
+                except OSError:
+                    pass
+
+
+def as_paths(files) -> list[Path]:
+    """gr.File values (a path, a list of paths, or None) as a list of paths."""
+    if files is None:
+        return []
+    if isinstance(files, (str, os.PathLike)):
+        files = [files]
+    return [Path(f if isinstance(f, (str, os.PathLike)) else f.name) for f in files if f]
+
+
+def gather_uploads(files, dest: Path) -> Path:
+    """Put uploaded files (loose files and/or zips) into one folder, as a dataset reader expects.
+
+    Loose files go side by side under their own names (labelme's imagePath then finds images that
+    were uploaded with their JSON); zips are extracted safely. A zip holding a single top-level
+    folder yields that folder.
+    """
+    paths = as_paths(files)
+    dest.mkdir(parents=True, exist_ok=True)
+    for p in paths:
+        if p.suffix.lower() == ".zip":
+            annotations.safe_extract_zip(p, dest / p.stem if len(paths) > 1 else dest)
+        else:
+            shutil.copyfile(p, dest / p.name)
+    entries = [e for e in dest.iterdir() if not e.name.startswith(".") and e.name != "__MACOSX"]
+    if len(entries) == 1 and entries[0].is_dir():
+        return entries[0]
+    return dest
+
+
+def zip_folder(folder: Path, archive: Path) -> Path:
+    """``folder``'s contents in a zip under a top-level folder named like the archive."""
+    top = archive.with_suffix("").name
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        for p in sorted(folder.rglob("*")):
+            if p.is_file():
+                zf.write(p, f"{top}/{p.relative_to(folder).as_posix()}")
+    return archive
+
+
+def safe_stem(path: str | Path, default: str = "image") -> str:
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(str(path)).stem)[:60].strip("._")
+    return stem or default
+
+
+# ----------------------------------------------------------------------------- display
+
+
+def legend_html(fractions: dict[str, float], class_names, palette) -> str:
+    """The classes present, largest area first: colour swatch, name, share of the image."""
+    index = {n: i for i, n in enumerate(class_names)}
+    rows = []
+    for name, frac in fractions.items():
+        r, g, b = (int(v) for v in palette[index[name]])
+        rows.append(
+            f'<tr><td><span class="swatch" style="display:inline-block;width:1.1em;height:1.1em;'
+            f'border:1px solid #555;border-radius:3px;vertical-align:middle;background:rgb({r},{g},{b})">'
+            f'</span></td><td class="cls">{html.escape(name)}</td>'
+            f'<td class="pct" style="text-align:right">{100 * frac:.1f}%</td></tr>')
+    return ('<table class="segcore-legend" style="border-collapse:collapse;min-width:14em">'
+            '<thead><tr><th></th><th style="text-align:left">class</th><th style="text-align:right">area</th>'
+            f'</tr></thead><tbody>{"".join(rows)}</tbody></table>')
+
+
+def pct(value) -> float | None:
+    """A fraction as a percentage rounded to 2 decimals; None for NaN."""
+    if value is None:
+        return None
+    value = float(value)
+    return None if value != value else round(100.0 * value, 2)

@@ -1,0 +1,60 @@
+"""Convert tab: labelme folder or zip → VOC-style dataset zip and the conversion report."""
+
+from __future__ import annotations
+
+import json
+
+import gradio as gr
+
+import annotations
+
+from .common import as_paths, gather_uploads, readable, require, user_errors, zip_folder
+
+
+def build(ctx) -> None:
+    with gr.Tab("Convert", id="convert"):
+        gr.Markdown("Turn labelme polygons into a VOC-style dataset (JPEGImages, SegmentationClass palette PNGs, "
+                    "visualisations, class_names.txt, ImageSets, report.json), ready for `train/` or evaluation.")
+        with gr.Row():
+            files = gr.File(label="labelme files (.json with their images) or a .zip", file_count="multiple",
+                            elem_id="convert-files")
+            with gr.Column():
+                with gr.Row():
+                    space = gr.Dropdown(["voc", "cocostuff"], value="voc", label="Label space")
+                    unknown = gr.Radio(["error", "ignore"], value="error", label="Unknown labels",
+                                       info="ignore: such shapes become 255 (ignore) with a warning")
+                labels = gr.File(label="labels.txt (optional, overrides the label space)", file_types=[".txt"])
+                mapping = gr.File(label="Name mapping (YAML / JSON, optional)", file_types=[".yaml", ".yml", ".json"])
+                instances = gr.Checkbox(False, label="Also write instance maps (SegmentationObject)")
+        run = gr.Button("Convert", variant="primary", elem_id="run-convert")
+        with gr.Row():
+            dataset = gr.File(label="Dataset (zip)", elem_id="convert-dataset")
+            summary = gr.Textbox(label="Conversion report", lines=6, max_lines=30, elem_id="convert-summary")
+        details = gr.JSON(label="report.json", open=False)
+
+    def convert(files_, space_, unknown_, labels_, mapping_, instances_, progress=gr.Progress()):
+        require(as_paths(files_), "Upload labelme files (.json with their images) or a .zip first.")
+        job = ctx.work.new("convert")
+        label_space = str(as_paths(labels_)[0]) if as_paths(labels_) else (space_ or "voc")
+        map_file = str(as_paths(mapping_)[0]) if as_paths(mapping_) else None
+
+        def on_progress(done, total):
+            progress((done, total), desc="Converting", unit="files")
+
+        with user_errors():
+            paths = as_paths(files_)
+            # a single zip goes in as it is: the report then names files relative to the zip
+            source = paths[0] if len(paths) == 1 and paths[0].suffix.lower() == ".zip" \
+                else gather_uploads(paths, job / "input")
+            out = job / "dataset"
+            report = annotations.convert_folder(source, out, label_space, mapping=map_file,
+                                                unknown=unknown_ or "error", instances=bool(instances_),
+                                                workers=1, progress=on_progress)
+        text = readable(report.summary())
+        if not report.converted:
+            raise gr.Error("Nothing was converted.\n" + text, duration=None)
+        archive = zip_folder(out, job / "dataset.zip")
+        return str(archive), text, json.loads(readable(json.dumps(report.to_dict())))
+
+    run.click(convert, [files, space, unknown, labels, mapping, instances], [dataset, summary, details],
+              api_name="convert", concurrency_id="convert")

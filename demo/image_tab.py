@@ -1,0 +1,80 @@
+"""Image tab: upload / paste / example → overlay and colour label map, legend, palette PNG mask."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gradio as gr
+
+import segcore
+
+from .common import EXAMPLES_DIR, legend_html, safe_stem, user_errors
+from .panel import Context, model_for
+
+
+class PathImage(gr.Image):
+    """gr.Image that hands the uploaded file to segcore untouched.
+
+    segcore's ``load_image`` then decodes it once, with the pixel cap, EXIF rotation and a readable
+    message for corrupt or unsupported files (gr.Image would open it with Pillow first and fail with a
+    bare error).
+    """
+
+    is_template = True  # rendered by the frontend's Image component
+
+    def preprocess(self, payload):
+        if payload is None:
+            return None
+        if payload.path and not (payload.url or "").startswith("data:"):
+            return str(payload.path)
+        try:
+            return super().preprocess(payload)
+        except gr.Error:
+            raise
+        except Exception as exc:
+            raise gr.Error(f"{payload.orig_name or 'the image'}: not a readable image ({exc})") from exc
+
+
+def examples() -> list[str]:
+    return [str(p) for p in sorted(EXAMPLES_DIR.glob("*.jpg"))]
+
+
+def build(ctx: Context) -> None:
+    cfg = ctx.config
+    with gr.Tab("Image", id="image"):
+        with gr.Row():
+            with gr.Column(scale=1, min_width=260):
+                image = PathImage(label="Image", sources=["upload", "clipboard"], type="filepath", image_mode=None,
+                                  elem_id="image-input", height=300)
+                run = gr.Button("Segment", variant="primary", elem_id="segment-image")
+                if examples():
+                    gr.Examples(examples(), inputs=image, label="Examples")
+            with gr.Column(scale=2):
+                with gr.Row():
+                    overlay = gr.Image(label="Overlay", format="png", interactive=False, elem_id="overlay",
+                                       height=300)
+                    colour = gr.Image(label="Label map", format="png", interactive=False, elem_id="label-map",
+                                      height=300)
+                with gr.Row():
+                    legend = gr.HTML(label="Classes present", elem_id="legend")
+                    mask = gr.File(label="Palette PNG mask (pixel value = class id)", elem_id="mask-file")
+        if cfg.max_image_pixels:
+            gr.Markdown(f"Images up to {cfg.max_image_pixels / 1e6:g} megapixels.", elem_classes="limits")
+
+    def segment_image(path, weights, multiscale, crf, test_size, opacity, progress=gr.Progress()):
+        if not path:
+            raise gr.Error("Upload, paste or pick an example image first.")
+        seg = model_for(ctx, weights, multiscale, crf, test_size, progress)
+        name = Path(path).name
+        with user_errors():
+            rgb = segcore.load_image(path, max_pixels=cfg.max_image_pixels, name=name)
+            progress(0.5, desc="Segmenting")
+            pred = seg.predict(rgb)
+            over = pred.overlay(float(opacity if opacity is not None else 0.5))
+        out = ctx.work.new("image") / f"{safe_stem(name)}_mask.png"
+        pred.save(out)
+        legend_markup = legend_html(pred.class_fractions(), pred.class_names, pred.palette)
+        return over, pred.colorize(), legend_markup, str(out)
+
+    run.click(segment_image, [image, *ctx.model_inputs(), ctx.opacity], [overlay, colour, legend, mask],
+              api_name="segment_image", concurrency_id="model")

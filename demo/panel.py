@@ -1,0 +1,103 @@
+"""The model panel shared by every tab: weights, multi-scale, CRF, test size, overlay opacity."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import gradio as gr
+
+import segcore
+
+from .common import AppConfig, WorkDir, as_paths, readable, user_errors
+from .models import ModelStore
+
+LABEL_CHOICES = ["auto", "voc", "cocostuff"]
+
+
+@dataclass
+class Context:
+    """What every tab is built from: settings, the model store, result folders, the panel's inputs."""
+
+    config: AppConfig
+    store: ModelStore
+    work: WorkDir
+    weights: gr.Dropdown | None = None
+    multiscale: gr.Checkbox | None = None
+    crf: gr.Checkbox | None = None
+    test_size: gr.Slider | None = None
+    opacity: gr.Slider | None = None
+    status: gr.Markdown | None = None
+
+    def model_inputs(self) -> list:
+        return [self.weights, self.multiscale, self.crf, self.test_size]
+
+
+def status_text(store: ModelStore, name: str | None) -> str:
+    name = name or store.default
+    problem = store.missing(name)
+    if problem:
+        return f"⚠️ {problem}"
+    if store.is_loaded(name):
+        seg = store.get(name)
+        return f"✅ `{name}` is loaded: {seg.n_classes} classes, {seg.device}, {seg.precision}."
+    return f"`{name}` loads on first use (a few seconds), then stays loaded for every request."
+
+
+def build_panel(ctx: Context) -> None:
+    store = ctx.store
+    with gr.Accordion("Model", open=True):
+        ctx.status = gr.Markdown(status_text(store, store.default), elem_id="model-status")
+        with gr.Row():
+            ctx.weights = gr.Dropdown(store.choices(), value=store.default, label="Weights",
+                                      allow_custom_value=True, scale=2, elem_id="weights",
+                                      info="published weights, --weights / SEGCORE_WEIGHTS, or an upload")
+            ctx.multiscale = gr.Checkbox(True, label="Multi-scale", info="max over ×0.5, ×0.75, ×1 (slower)")
+            ctx.crf = gr.Checkbox(False, label="CRF", info="DenseCRF refinement (slow on CPU)")
+            ctx.test_size = gr.Slider(65, 1025, value=513, step=8, label="Test size",
+                                      info="long side the image is resized to (px)")
+            ctx.opacity = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Overlay opacity")
+        with gr.Accordion("Upload a checkpoint (.pth / .safetensors, e.g. one trained with train/)", open=False):
+            with gr.Row():
+                ckpt = gr.File(label="Checkpoint", file_types=[".pth", ".safetensors", ".pt"], scale=2)
+                space = gr.Dropdown(LABEL_CHOICES, value="auto", label="Label set",
+                                    info="auto: the checkpoint's own names, else 21 = VOC, 182 = COCO-Stuff")
+                labels = gr.File(label="labels.txt (overrides the label set)", file_types=[".txt"])
+            upload = gr.Button("Use this checkpoint")
+            uploaded = gr.Textbox(visible=False, label="Weights name")
+
+    ctx.weights.change(lambda name: status_text(store, name), ctx.weights, ctx.status, api_visibility="private",
+                       queue=False)
+
+    def upload_checkpoint(file, label_set, labels_file, progress=gr.Progress()):
+        paths = as_paths(file)
+        if not paths:
+            raise gr.Error("Choose a checkpoint file (.pth or .safetensors) first.")
+        label_space = str(as_paths(labels_file)[0]) if as_paths(labels_file) else (
+            None if label_set in (None, "", "auto") else label_set)
+        progress(0.1, desc="Checking and loading the checkpoint")
+        with user_errors(Path(paths[0]).name):
+            name, seg = store.upload(paths[0], label_space)
+        message = (f"✅ `{name}` is loaded: {seg.n_classes} classes "
+                   f"({', '.join(seg.class_names[:6])}{', …' if seg.n_classes > 6 else ''}).")
+        return name, message
+
+    # the API answers with the plain name; the menu is refreshed by a second, private step
+    upload.click(upload_checkpoint, [ckpt, space, labels], [uploaded, ctx.status], api_name="upload_checkpoint",
+                 concurrency_id="model").success(
+        lambda name: gr.Dropdown(choices=store.choices(), value=name), uploaded, ctx.weights,
+        api_visibility="private", queue=False)
+
+
+def model_for(ctx: Context, weights, multiscale, crf, test_size, progress=None) -> segcore.Segmenter:
+    """The request's Segmenter; a failed download or a bad file becomes a readable gr.Error."""
+    try:
+        return ctx.store.segmenter(weights or ctx.store.default, multiscale=bool(multiscale), crf=bool(crf),
+                                   test_size=int(test_size or 513), progress=progress)
+    except segcore.DownloadError as exc:
+        raise gr.Error(f"The {weights} weights are not available: {readable(str(exc))}. "
+                       "Or upload a checkpoint under Model ▸ Upload a checkpoint.", duration=None) from exc
+    except Exception as exc:
+        with user_errors(f"weights {weights}"):
+            raise exc
+        raise

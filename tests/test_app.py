@@ -1,0 +1,373 @@
+"""The Gradio app, end to end: `python app.py` in a subprocess on loopback, driven with gradio_client.
+
+The server gets a tiny random checkpoint through SEGCORE_WEIGHTS (nothing is downloaded) and small
+limits so the limit paths can be exercised with small files. Expected values come from segcore /
+annotations called directly, or are computed by hand in the test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from factories import scene_image, tiny_checkpoint
+from labelme_fixtures import generate_folder, write_labelme
+
+gradio_client = pytest.importorskip("gradio_client")
+from gradio_client import Client, handle_file  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+TEST_SIZE = 65
+MAX_IMAGE_PIXELS = 200_000
+MAX_VIDEO_SECONDS = 3
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_app(workdir: Path, weights, **env_extra):
+    """Start ``python app.py`` on 127.0.0.1 and a free port; yield its URL once it answers."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    env = {**os.environ, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
+           "SEGCORE_WEIGHTS": str(weights), "SEGCORE_HOME": str(workdir / "home"),
+           "SEGCORE_APP_DIR": str(workdir / "app"), "GRADIO_TEMP_DIR": str(workdir / "gradio"),
+           "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+           **{k: str(v) for k, v in env_extra.items()}}
+    log = workdir / "server.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, str(REPO / "app.py")], cwd=REPO, env=env, stdout=out,
+                                stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the app exited with {proc.returncode}:\n{log.read_text()}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the app did not answer within 180 s:\n{log.read_text()}")
+            time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def app_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("app")
+    return root, tiny_checkpoint(root / "tiny.pth")
+
+
+@pytest.fixture(scope="module")
+def app_url(app_files):
+    root, ckpt = app_files
+    with running_app(root / "server", ckpt, SEGCORE_MAX_IMAGE_PIXELS=MAX_IMAGE_PIXELS,
+                     SEGCORE_MAX_VIDEO_SECONDS=MAX_VIDEO_SECONDS) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(app_url):
+    return Client(app_url, verbose=False)
+
+
+def tiny_segmenter(ckpt):
+    from segcore import Segmenter
+
+    return Segmenter.from_pretrained(ckpt, scales=(), test_size=TEST_SIZE, device="cpu")
+
+
+def labelme_zip(root: Path, n: int = 4, seed: int = 0, extra=None) -> Path:
+    folder = root / f"labelme_{seed}"
+    generate_folder(folder, n, seed=seed, size=(72, 56), n_shapes=5)
+    if extra:
+        extra(folder)
+    archive = root / f"labelme_{seed}.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for p in sorted(folder.rglob("*")):
+            zf.write(p, f"annotations/{p.relative_to(folder).as_posix()}")
+    return archive
+
+
+def call(client, api_name, *args):
+    return client.predict(*args, api_name=api_name)
+
+
+MODEL = ("tiny.pth", False, False, TEST_SIZE)  # weights, multi-scale, CRF, test size
+
+
+# ----------------------------------------------------------------------------- image
+
+
+def test_segment_image_matches_segmenter(client, app_files, tmp_path):
+    _, ckpt = app_files
+    rgb = scene_image(60, 84, seed=3)
+    src = tmp_path / "scene.png"
+    Image.fromarray(rgb).save(src)
+
+    overlay, colour, legend, mask = call(client, "/segment_image", handle_file(str(src)), *MODEL, 0.4)
+
+    expected = tiny_segmenter(ckpt).predict(rgb)
+    with Image.open(mask) as m:
+        assert m.mode == "P"
+        labels = np.asarray(m)
+    np.testing.assert_array_equal(labels, expected.label_map)
+    # overlay: 60% image + 40% class colour, rounded (computed here, not by the app)
+    palette = expected.palette
+    blend = np.rint(rgb.astype(np.float64) * 0.6 + palette[labels].astype(np.float64) * 0.4)
+    got = np.asarray(Image.open(overlay).convert("RGB")).astype(np.float64)
+    assert got.shape == rgb.shape and np.abs(got - blend).max() <= 1
+    np.testing.assert_array_equal(np.asarray(Image.open(colour).convert("RGB")), palette[labels])
+    # legend: every class present with its colour and area share
+    counts = np.bincount(labels.ravel(), minlength=21)
+    for k in np.flatnonzero(counts):
+        name = expected.class_names[k]
+        r, g, b = palette[k]
+        assert f">{name}<" in legend and f"rgb({r},{g},{b})" in legend
+        assert f"{100 * counts[k] / labels.size:.1f}%" in legend
+
+
+def test_bad_images_get_messages_and_the_server_keeps_serving(client, tmp_path):
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(b"\xff\xd8 this is not really a jpeg")
+    with pytest.raises(Exception, match="corrupt.jpg.*(not an image|cannot)"):
+        call(client, "/segment_image", handle_file(str(corrupt)), *MODEL, 0.5)
+
+    big = tmp_path / "big.png"
+    Image.fromarray(np.zeros((500, 500, 3), np.uint8)).save(big)  # 250,000 px > the 200,000 cap
+    with pytest.raises(Exception, match="exceeds the cap"):
+        call(client, "/segment_image", handle_file(str(big)), *MODEL, 0.5)
+
+    with pytest.raises(Exception, match="unknown weights 'no-such-weights'"):
+        call(client, "/segment_image", handle_file(str(big)), "no-such-weights", False, False, TEST_SIZE, 0.5)
+
+    ok = tmp_path / "ok.png"
+    Image.fromarray(scene_image(40, 40)).save(ok)
+    assert Path(call(client, "/segment_image", handle_file(str(ok)), *MODEL, 0.5)[3]).is_file()
+
+
+def test_checkpoint_upload(client, tmp_path):
+    bad = tmp_path / "broken.pth"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(Exception, match="broken.pth"):
+        call(client, "/upload_checkpoint", handle_file(str(bad)), "auto", None)
+
+    good = tiny_checkpoint(tmp_path / "mine.safetensors", seed=5, meta={"class_names": [f"c{i}" for i in range(21)]})
+    weights, status = call(client, "/upload_checkpoint", handle_file(str(good)), "auto", None)
+    assert weights == "mine.safetensors (uploaded)" and "21 classes" in status
+    src = tmp_path / "x.png"
+    Image.fromarray(scene_image(40, 48, seed=1)).save(src)
+    _, _, legend, _ = call(client, "/segment_image", handle_file(str(src)), weights, False, False, TEST_SIZE, 0.5)
+    assert ">c" in legend  # the checkpoint's own class names
+
+
+# ----------------------------------------------------------------------------- video
+
+
+def write_video(path: Path, frames: int, fps: int = 8, size=(64, 48)) -> Path:
+    import av
+
+    w, h = size
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        for i in range(frames):
+            img = np.roll(scene_image(h, w, seed=2), 3 * i, axis=1)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return path
+
+
+def test_segment_video(client, tmp_path):
+    import av
+
+    src = write_video(tmp_path / "clip.mp4", frames=12)
+    out, info = call(client, "/segment_video", {"video": handle_file(str(src))}, *MODEL, 0.5, 1, 0.0)
+    path = out["video"] if isinstance(out, dict) else out
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        assert stream.codec_context.name == "h264"
+        decoded = sum(1 for _ in container.decode(stream))
+    assert decoded == 12
+    assert "12 frames" in info
+
+
+def test_video_limits_and_bad_files(client, tmp_path):
+    long = write_video(tmp_path / "long.mp4", frames=8 * (MAX_VIDEO_SECONDS + 2))
+    with pytest.raises(Exception, match=r"(?i)second"):
+        call(client, "/segment_video", {"video": handle_file(str(long))}, *MODEL, 0.5, 1, 0.0)
+    junk = tmp_path / "junk.mp4"
+    junk.write_bytes(b"\x00\x00\x00\x18ftypmp42 but nothing else")
+    with pytest.raises(Exception, match="junk.mp4"):
+        call(client, "/segment_video", {"video": handle_file(str(junk))}, *MODEL, 0.5, 1, 0.0)
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+
+def test_evaluate_labelme_zip_matches_the_evaluator(client, app_files, tmp_path):
+    import segcore
+
+    _, ckpt = app_files
+    archive = labelme_zip(tmp_path)
+    summary, scores, report, bars, confusion, per_image, gallery, issues = call(
+        client, "/evaluate", "Model on labelme annotations", [handle_file(str(archive))], None, None, "model", None,
+        "error", *MODEL)
+
+    dataset = segcore.open_dataset(archive, "labelme", label_space="voc")
+    direct = segcore.evaluate(tiny_segmenter(ckpt), dataset, progress=False, distributed=False)
+    got = {row[0]: row[1] for row in scores["data"]}
+    for key, label in (("pixel_accuracy", "PA"), ("mean_accuracy", "MA"), ("mean_iou", "mIoU"), ("fw_iou", "FWIoU")):
+        (value,) = [v for k, v in got.items() if f"({label})" in k]
+        assert value == pytest.approx(100 * direct.scores[key], abs=0.006)
+    assert "4 of 4 images evaluated" in summary
+
+    rows = per_image["data"]
+    assert [r[1] for r in rows] == sorted(r[1] for r in rows)  # worst first
+    by_name = {r["image"]: r for r in direct.per_image}
+    for name, miou, pa, pixels in rows:
+        assert miou == pytest.approx(100 * by_name[name]["mean_iou"], abs=0.006)
+        assert pixels == by_name[name]["valid_pixels"]
+    assert len(gallery) == 4 and gallery[0]["caption"].startswith(rows[0][0])
+
+    assert bars["type"] == "plotly" and "Per-class IoU" in bars["plot"]
+    assert "Confusion matrix" in confusion["plot"]
+    with zipfile.ZipFile(report) as zf:
+        names = zf.namelist()
+        scores_json = json.loads(zf.read(next(n for n in names if n.endswith("/scores.json"))))
+    assert any(n.endswith("report.html") for n in names) and any("/worst/" in n for n in names)
+    assert scores_json["mean_iou"] == pytest.approx(direct.scores["mean_iou"])
+    assert "warning" in issues  # the generated files have shapes reaching outside the image
+
+
+def test_evaluate_reports_bad_files_and_unknown_labels(client, tmp_path):
+    def spoil(folder: Path):
+        (folder / "broken.json").write_text("{ not json")
+        write_labelme(folder / "zebra.json", [{"label": "zebra", "points": [[2, 2], [30, 2], [30, 30]],
+                                                "shape_type": "polygon"}],
+                      np.full((40, 40, 3), 90, np.uint8))
+
+    archive = labelme_zip(tmp_path, n=2, seed=1, extra=spoil)
+    summary, *_, issues = call(client, "/evaluate", "Model on labelme annotations", [handle_file(str(archive))],
+                               None, None, "voc", None, "error", *MODEL)
+    assert "2 of 4 images evaluated" in summary and "2 failed" in summary
+    assert "broken.json" in issues and "'zebra'" in issues
+    assert "/tmp/" not in issues  # server folders stay out of messages
+
+    with pytest.raises(Exception, match="klingon"):
+        call(client, "/evaluate", "Model on labelme annotations", [handle_file(str(archive))], None, None,
+             "klingon", None, "error", *MODEL)
+    not_a_dataset = tmp_path / "notes.txt"
+    not_a_dataset.write_text("hello")
+    with pytest.raises(Exception, match="no labelme .json files"):
+        call(client, "/evaluate", "Model on labelme annotations", [handle_file(str(not_a_dataset))], None, None,
+             "voc", None, "error", *MODEL)
+
+
+def test_evaluate_masks_without_a_model(client, tmp_path):
+    gt, pred = tmp_path / "gt", tmp_path / "pred"
+    gt.mkdir(), pred.mkdir()
+    a = np.zeros((10, 10), np.uint8)
+    a[:, 5:] = 15  # person on the right half
+    b = a.copy()
+    b[:, 5] = 0  # one column of person predicted as background
+    a2 = np.full((10, 10), 255, np.uint8)
+    a2[:2] = 0
+    for folder, arr, arr2 in ((gt, a, a2), (pred, b, np.zeros((10, 10), np.uint8))):
+        Image.fromarray(arr).save(folder / "one.png")
+        Image.fromarray(arr2).save(folder / "two.png")
+    summary, scores, *_ = call(client, "/evaluate", "Prediction masks vs ground truth (no model)",
+                               [handle_file(str(p)) for p in sorted(gt.iterdir())],
+                               [handle_file(str(p)) for p in sorted(pred.iterdir())], None, "voc", None, "error",
+                               *MODEL)
+    got = {row[0]: row[1] for row in scores["data"]}
+    # 120 labelled pixels, 110 right; background: 70 gt / 80 predicted, 70 shared; person 50 / 40 / 40
+    assert got["Pixel accuracy (PA)"] == pytest.approx(100 * 110 / 120, abs=0.006)
+    assert got["Mean IoU (mIoU)"] == pytest.approx(100 * (70 / 80 + 40 / 50) / 2, abs=0.006)
+    assert "stored predictions" in summary
+
+
+# ----------------------------------------------------------------------------- convert
+
+
+def test_convert_zip(client, tmp_path):
+    import annotations
+
+    archive = labelme_zip(tmp_path, n=3, seed=2)
+    dataset, summary, report = call(client, "/convert", [handle_file(str(archive))], "voc", "error", None, None,
+                                    False)
+    assert summary.startswith("3/3 files converted")
+    assert report["converted"] == 3
+    with zipfile.ZipFile(dataset) as zf:
+        names = zf.namelist()
+        top = names[0].split("/")[0]
+        assert f"{top}/class_names.txt" in names and f"{top}/ImageSets/Segmentation/all.txt" in names
+        for i in range(3):
+            mask = Image.open(io.BytesIO(zf.read(f"{top}/SegmentationClass/annotations__img_000{i}.png")))
+            assert mask.mode == "P"
+            expected = annotations.convert_file(tmp_path / "labelme_2" / f"img_000{i}.json", "voc").class_map
+            np.testing.assert_array_equal(np.asarray(mask), expected)
+
+
+def test_convert_errors(client, tmp_path):
+    folder = tmp_path / "only_unknown"
+    write_labelme(folder / "a.json", [{"label": "unicorn", "points": [[1, 1], [20, 1], [20, 20]],
+                                       "shape_type": "polygon"}], np.full((32, 32, 3), 50, np.uint8))
+    with pytest.raises(Exception, match="unicorn"):
+        call(client, "/convert", [handle_file(str(folder / "a.json"))], "voc", "error", None, None, False)
+    bad_map = tmp_path / "map.yaml"
+    bad_map.write_text("map:\n  unicorn: pegasus\n")
+    with pytest.raises(Exception, match="pegasus"):
+        call(client, "/convert", [handle_file(str(folder / "a.json"))], "voc", "error", None,
+             handle_file(str(bad_map)), False)
+    # mapped, it converts
+    good_map = tmp_path / "good.yaml"
+    good_map.write_text("map:\n  unicorn: horse\n")
+    _, summary, _ = call(client, "/convert", [handle_file(str(folder / "a.json"))], "voc", "error", None,
+                         handle_file(str(good_map)), False)
+    assert summary.startswith("1/1 files converted")
+
+
+# ----------------------------------------------------------------------------- start-up without weights
+
+
+def test_starts_without_weights_and_says_how_to_get_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("SEGCORE_HOME", str(tmp_path / "empty-cache"))
+    from demo import AppConfig, build_app
+    from segcore import REGISTRY
+
+    demo = build_app(AppConfig(weights="voc12", work_dir=tmp_path / "app"))
+    config = json.dumps(demo.get_config_file(), default=str)
+    w = REGISTRY["voc12"]
+    assert w.url in config and str(tmp_path / "empty-cache" / w.filename) in config
+    assert "Upload a checkpoint" in config
