@@ -199,12 +199,13 @@ def legend_html(fractions: dict[str, float], class_names, palette) -> str:
     index = {n: i for i, n in enumerate(class_names)}
     rows = []
     for name, frac in fractions.items():
+        share = f"{100 * frac:.1f}%" if frac >= 0.0005 else "<0.1%"
         r, g, b = (int(v) for v in palette[index[name]])
         rows.append(
             f'<tr><td><span class="swatch" style="display:inline-block;width:1.1em;height:1.1em;'
             f'border:1px solid #555;border-radius:3px;vertical-align:middle;background:rgb({r},{g},{b})">'
             f'</span></td><td class="cls">{html.escape(name)}</td>'
-            f'<td class="pct" style="text-align:right">{100 * frac:.1f}%</td></tr>')
+            f'<td class="pct" style="text-align:right">{share}</td></tr>')
     return ('<table class="segcore-legend" style="border-collapse:collapse;min-width:14em">'
             '<thead><tr><th></th><th style="text-align:left">class</th><th style="text-align:right">area</th>'
             f'</tr></thead><tbody>{"".join(rows)}</tbody></table>')

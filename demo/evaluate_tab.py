@@ -13,7 +13,7 @@ import annotations
 import segcore
 
 from .common import as_paths, gather_uploads, pct, readable, require, user_errors, zip_folder
-from .panel import Context, model_for
+from .panel import Context, model_for, refresh_status
 
 MODEL_MODE = "Model on labelme annotations"
 MASKS_MODE = "Prediction masks vs ground truth (no model)"
@@ -106,11 +106,12 @@ def build(ctx: Context) -> None:
             report = gr.File(label="Full report (zip: scores.json, CSVs, report.html, worst images)",
                              elem_id="eval-report")
         with gr.Row():
-            bars = gr.Plot(label="Per-class IoU", elem_id="eval-bars")
-            confusion = gr.Plot(label="Confusion matrix", elem_id="eval-confusion")
+            bars = gr.Plot(label="Per-class IoU", show_label=False, elem_id="eval-bars")
+            confusion = gr.Plot(label="Confusion matrix", show_label=False, elem_id="eval-confusion")
         per_image = gr.Dataframe(label="Per image, worst first", interactive=False, elem_id="eval-per-image",
                                  max_height=320)
-        gallery = gr.Gallery(label="Worst images: image | ground truth | prediction", columns=2, height="auto",
+        gallery = gr.Gallery(label="Worst images: image | ground truth | prediction", columns=2, height=420,
+                             object_fit="contain", format="png",
                              elem_id="eval-worst")
         issues = gr.Textbox(label="Failures and conversion warnings", lines=4, max_lines=20, elem_id="eval-issues")
 
@@ -167,6 +168,7 @@ def build(ctx: Context) -> None:
         return (text + ".", scores_table(result), str(archive), bar_fig, conf_fig, per_image_table(result),
                 gallery_items, issues_text(result.failures, warnings))
 
-    run.click(evaluate, [mode, files, predictions, mapping, space, labels, unknown, *ctx.model_inputs()],
+    event = run.click(evaluate, [mode, files, predictions, mapping, space, labels, unknown, *ctx.model_inputs()],
               [summary, scores, report, bars, confusion, per_image, gallery, issues], api_name="evaluate",
               concurrency_id="model")
+    refresh_status(ctx, event)

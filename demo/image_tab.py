@@ -9,7 +9,7 @@ import gradio as gr
 import segcore
 
 from .common import EXAMPLES_DIR, legend_html, safe_stem, user_errors
-from .panel import Context, model_for
+from .panel import Context, model_for, refresh_status
 
 
 class PathImage(gr.Image):
@@ -76,5 +76,6 @@ def build(ctx: Context) -> None:
         legend_markup = legend_html(pred.class_fractions(), pred.class_names, pred.palette)
         return over, pred.colorize(), legend_markup, str(out)
 
-    run.click(segment_image, [image, *ctx.model_inputs(), ctx.opacity], [overlay, colour, legend, mask],
+    event = run.click(segment_image, [image, *ctx.model_inputs(), ctx.opacity], [overlay, colour, legend, mask],
               api_name="segment_image", concurrency_id="model")
+    refresh_status(ctx, event)

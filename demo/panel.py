@@ -54,9 +54,11 @@ def build_panel(ctx: Context) -> None:
                                       info="published weights, --weights / SEGCORE_WEIGHTS, or an upload")
             ctx.multiscale = gr.Checkbox(True, label="Multi-scale", info="max over ×0.5, ×0.75, ×1 (slower)")
             ctx.crf = gr.Checkbox(False, label="CRF", info="DenseCRF refinement (slow on CPU)")
+        with gr.Row():
             ctx.test_size = gr.Slider(65, 1025, value=513, step=8, label="Test size",
                                       info="long side the image is resized to (px)")
-            ctx.opacity = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Overlay opacity")
+            ctx.opacity = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Overlay opacity",
+                                    info="0: the photo, 1: the class colours")
         with gr.Accordion("Upload a checkpoint (.pth / .safetensors, e.g. one trained with train/)", open=False):
             with gr.Row():
                 ckpt = gr.File(label="Checkpoint", file_types=[".pth", ".safetensors", ".pt"], scale=2)
@@ -87,6 +89,12 @@ def build_panel(ctx: Context) -> None:
                  concurrency_id="model").success(
         lambda name: gr.Dropdown(choices=store.choices(), value=name), uploaded, ctx.weights,
         api_visibility="private", queue=False)
+
+
+def refresh_status(ctx: Context, event) -> None:
+    """After a job, show what is loaded now (a private step: not part of the API)."""
+    event.then(lambda name: status_text(ctx.store, name), ctx.weights, ctx.status, api_visibility="private",
+               queue=False)
 
 
 def model_for(ctx: Context, weights, multiscale, crf, test_size, progress=None) -> segcore.Segmenter:

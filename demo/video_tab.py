@@ -8,7 +8,7 @@ from pathlib import Path
 import gradio as gr
 
 from .common import readable, safe_stem, user_errors
-from .panel import Context, model_for
+from .panel import Context, model_for, refresh_status
 
 
 class CancelFlags:
@@ -114,7 +114,8 @@ def build(ctx: Context) -> None:
             gr.Info("Cancelling after the current frames…")
         return None
 
-    run.click(segment_video, [video, *ctx.model_inputs(), ctx.opacity, stride, smoothing], [result, info],
+    event = run.click(segment_video, [video, *ctx.model_inputs(), ctx.opacity, stride, smoothing], [result, info],
               api_name="segment_video", concurrency_id="model")
+    refresh_status(ctx, event)
     stop.click(cancel, None, None, api_name="cancel_video", concurrency_limit=None, concurrency_id="cancel",
                queue=False)

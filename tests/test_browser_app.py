@@ -1,0 +1,185 @@
+"""The app in a real browser: headless Chromium driven by Playwright against `python app.py` on loopback.
+
+Skips only when no Chromium binary exists (the README's test command installs Debian's `chromium`).
+Run as a script to refresh the README screenshots:
+
+    python tests/test_browser_app.py docs/screenshots
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from factories import tiny_checkpoint  # noqa: E402
+from labelme_fixtures import generate_folder  # noqa: E402
+from test_app import running_app  # noqa: E402
+
+pytestmark = pytest.mark.browser
+
+REPO = Path(__file__).resolve().parent.parent
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--no-first-run", "--disable-dev-shm-usage",
+                 # a synthetic camera for the webcam tab, allowed without a prompt
+                 "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream"]
+
+
+def chromium_path() -> str | None:
+    for candidate in (os.environ.get("CHROMIUM"), "/usr/bin/chromium", "/usr/bin/chromium-browser"):
+        if candidate and Path(candidate).is_file():
+            return candidate
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def make_labelme_zip(root: Path, n: int = 3) -> Path:
+    folder = root / "labelme"
+    generate_folder(folder, n, seed=4, size=(96, 72), n_shapes=6)
+    archive = root / "my_annotations.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for p in sorted(folder.iterdir()):
+            zf.write(p, p.name)
+    return archive
+
+
+@pytest.fixture(scope="module")
+def browser():
+    path = chromium_path()
+    if path is None:
+        pytest.skip("no Chromium binary (apt-get install -y chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=path, headless=True, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory):
+    root = tmp_path_factory.mktemp("browser-app")
+    with running_app(root / "server", tiny_checkpoint(root / "tiny.pth")) as url:
+        yield url
+
+
+@pytest.fixture
+def page(browser, app_url):
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(120_000)
+    page.goto(app_url)
+    page.wait_for_selector("#image-input")
+    yield page
+    context.close()
+
+
+def set_fast_options(page):
+    """Single scale, test size 65: the tiny model answers at once."""
+    page.get_by_label("Multi-scale").uncheck()
+    size = page.locator("input[aria-label='number input for Test size']")
+    size.fill("65")
+    size.press("Enter")
+
+
+def test_image_upload_shows_overlay_and_legend(page):
+    set_fast_options(page)
+    page.locator("#image-input input[type=file]").set_input_files(str(REPO / "examples" / "cat.jpg"))
+    page.wait_for_selector("#image-input img")
+    page.click("#segment-image")
+    legend = page.wait_for_selector("#legend table.segcore-legend")
+    rows = legend.query_selector_all("tbody tr")
+    assert rows, "the legend lists the classes present"
+    assert all("%" in r.inner_text() for r in rows)
+    overlay = page.wait_for_selector("#overlay img")
+    assert overlay.evaluate("img => img.complete && img.naturalWidth > 0")
+    page.wait_for_selector("#mask-file a[download='cat_mask.png']")
+
+
+def test_evaluate_tab_draws_the_iou_chart(page, tmp_path):
+    set_fast_options(page)
+    page.get_by_role("tab", name="Evaluate").click()
+    page.locator("#eval-files input[type=file]").set_input_files(str(make_labelme_zip(tmp_path)))
+    page.wait_for_selector("#eval-files [aria-label='my_annotations.zip']")
+    page.click("#run-evaluate")
+    page.wait_for_selector("#eval-bars .js-plotly-plot")
+    assert page.locator("#eval-bars .barlayer .point").count() > 0
+    assert "Per-class IoU" in page.locator("#eval-bars").inner_text()
+    assert "3 of 3 images evaluated" in page.locator("#eval-summary").inner_text()
+
+
+# ----------------------------------------------------------------------------- screenshots
+
+
+def take_screenshots(out_dir: Path) -> list[Path]:
+    """One screenshot per tab, on a fresh app with a tiny random checkpoint (so the segmentations are noise)."""
+    import tempfile
+
+    from playwright.sync_api import sync_playwright
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shots = []
+    with tempfile.TemporaryDirectory() as tmp, sync_playwright() as p:
+        tmp = Path(tmp)
+        weights = os.environ.get("SCREENSHOT_WEIGHTS") or tiny_checkpoint(tmp / "tiny-random.pth")
+        with running_app(tmp / "server", weights) as url:
+            b = p.chromium.launch(executable_path=chromium_path(), headless=True, args=CHROMIUM_ARGS)
+            page = b.new_page(viewport={"width": 1280, "height": 900})
+            page.set_default_timeout(300_000)
+            page.goto(url)
+            page.wait_for_selector("#image-input")
+            set_fast_options(page)
+
+            def shot(name, full=False):
+                page.wait_for_timeout(800)
+                path = out_dir / f"{name}.png"
+                page.screenshot(path=str(path), full_page=full)
+                shots.append(path)
+
+            page.locator("#image-input input[type=file]").set_input_files(str(REPO / "examples" / "astronaut.jpg"))
+            page.click("#segment-image")
+            page.wait_for_selector("#legend table.segcore-legend")
+            shot("image", full=True)
+
+            page.get_by_role("tab", name="Video").click()
+            video = os.environ.get("SCREENSHOT_VIDEO")
+            if video:
+                page.locator("#video-input input[type=file]").set_input_files(video)
+                page.click("#segment-video")
+                page.wait_for_selector("#video-output video")
+                page.wait_for_function("document.querySelector('#video-info').innerText.includes('frames')")
+            shot("video")
+
+            page.get_by_role("tab", name="Webcam").click()
+            page.locator("#webcam-input").get_by_role("button").filter(has_text="Record").or_(
+                page.locator("#webcam-input button[aria-label*='ecord']")).first.click()
+            page.wait_for_function("document.querySelector('#webcam-fps').innerText.includes('frames/s') && "
+                                   "!document.querySelector('#webcam-fps').innerText.includes('–')")
+            page.wait_for_timeout(2000)
+            shot("webcam")
+
+            page.get_by_role("tab", name="Evaluate").click()
+            page.locator("#eval-files input[type=file]").set_input_files(str(make_labelme_zip(tmp, n=4)))
+            page.wait_for_selector("#eval-files [aria-label='my_annotations.zip']")
+            page.click("#run-evaluate")
+            page.wait_for_selector("#eval-bars .js-plotly-plot")
+            shot("evaluate", full=True)
+
+            page.get_by_role("tab", name="Convert").click()
+            page.locator("#convert-files input[type=file]").set_input_files(str(tmp / "my_annotations.zip"))
+            page.wait_for_selector("#convert-files [aria-label='my_annotations.zip']")
+            page.click("#run-convert")
+            page.wait_for_selector("#convert-dataset a[download='dataset.zip']")
+            shot("convert")
+            b.close()
+    return shots
+
+
+if __name__ == "__main__":
+    for path in take_screenshots(Path(sys.argv[1] if len(sys.argv) > 1 else "docs/screenshots")):
+        print(path)
