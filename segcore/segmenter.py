@@ -87,13 +87,18 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto``: bf16 on CUDA GPUs that have it (fp16 otherwise); fp32 on the CPU."""
+    """``auto``: bf16 on CUDA GPUs that have it (fp16 otherwise); on the CPU bf16 where it has native
+    bf16 dot products (AVX512-BF16 or AMX, see :func:`segcore.fast.cpu_bf16_supported`), fp32 otherwise."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision != "auto":
         return precision
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device.type == "cpu":
+        from .fast import cpu_bf16_supported
+
+        return "bf16" if cpu_bf16_supported() else "fp32"
     return "fp32"
 
 
@@ -141,6 +146,7 @@ class Segmenter:
         self.batch_size = int(batch_size)
         self.name = name
         self._mean = torch.tensor(BGR_MEAN, dtype=torch.float64, device=self.device).view(1, 3, 1, 1)
+        self._fast: dict = {}  # the accelerated copy (segcore.fast), built on first use, shared by with_options
 
     @classmethod
     def from_pretrained(cls, name_or_path, *, scales=DEFAULT_SCALES, crf: bool = False, test_size: int = 513,
@@ -193,9 +199,27 @@ class Segmenter:
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
+    def fast_path(self):
+        """The accelerated model copy (:class:`segcore.fast.FastPath`) this Segmenter runs, or None for fp32.
+
+        Built on first use from ``self.model`` (BatchNorm folded, channels-last, bf16/fp16); the original
+        model is never modified, so the fp32 path keeps the reference's numerics exactly.
+        """
+        from .fast import FastPath, uses_fast_path
+
+        if not uses_fast_path(self.device, self.precision):
+            return None
+        cache = self.__dict__.setdefault("_fast", {})
+        if "path" not in cache:
+            cache["path"] = FastPath(self.model.base, self.device, self.precision)
+        return cache["path"]
+
     @torch.inference_mode()
     def logits(self, batch: torch.Tensor) -> torch.Tensor:
         """Model logits (float32, output stride 8) for a preprocessed batch."""
+        fast = self.fast_path()
+        if fast is not None:
+            return fast(batch, self.scales)
         with self._autocast():
             out = msc_forward(self.model.base, batch, self.scales)
         return out.float()

@@ -1,0 +1,126 @@
+"""Accelerated paths (issue 8): BN folding is exact in fp32, bf16/fp16 paths agree with fp32, fp32 untouched."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from factories import TINY_BLOCKS, TINY_WIDTH, randomize_, scene_image, tiny_model
+
+import annotations
+from segcore import Segmenter, build_model, msc_forward
+from segcore.fast import FastPath, cpu_bf16_supported, fold_batchnorm, physical_cores, uses_fast_path
+from segcore.segmenter import resolve_precision
+
+VOC = annotations.get_label_space("voc")
+
+
+def _segmenter(model, precision, device="cpu", **kw):
+    return Segmenter(model, VOC.class_names, VOC.palette, device=device, precision=precision, **kw)
+
+
+def _images():
+    return [scene_image(150, 200, seed=s) for s in range(3)]
+
+
+def test_bn_folding_matches_unfolded_in_fp32():
+    model = tiny_model(21, seed=1).eval()
+    folded = fold_batchnorm(model.base)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.base.modules())  # original untouched
+    x = torch.randn(2, 3, 97, 81) * 60
+    with torch.inference_mode():
+        ref, got = model.base(x), folded(x)
+        ref_msc, got_msc = msc_forward(model.base, x, (0.5, 0.75)), msc_forward(folded, x, (0.5, 0.75))
+    # an independent check of the folding formula on one unit: conv(x)·γ/σ + β − μγ/σ
+    unit = model.base.layer1.conv1
+    bn = unit.bn
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    with torch.no_grad():
+        expected = torch.nn.functional.conv2d(x, unit.conv.weight, None, 2, 3) * scale[:, None, None] \
+            + (bn.bias - bn.running_mean * scale)[:, None, None]
+        folded_conv = folded.layer1.conv1.conv(x)
+    torch.testing.assert_close(folded_conv, expected, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-3 * ref.abs().max().item())
+    torch.testing.assert_close(got_msc, ref_msc, rtol=1e-4, atol=1e-3 * ref_msc.abs().max().item())
+
+
+def test_fp32_path_keeps_the_original_model_and_numerics():
+    model = tiny_model(21, seed=2)
+    seg = _segmenter(model, "fp32", test_size=97)
+    assert seg.fast_path() is None and seg.model is model
+    x = seg.to_tensor([seg.preprocess(scene_image(73, 97))[1]])
+    with torch.inference_mode():
+        expected = msc_forward(model.base, x, seg.scales)
+    assert torch.equal(seg.logits(x), expected)
+
+
+@pytest.mark.parametrize("scales", [(), (0.5, 0.75)])
+def test_cpu_bf16_path_agrees_with_fp32(scales):
+    model = tiny_model(21, seed=4)
+    fp32 = _segmenter(model, "fp32", scales=scales, test_size=129)
+    fast = _segmenter(model, "bf16", scales=scales, test_size=129, batch_size=3)
+    assert isinstance(fast.fast_path(), FastPath)
+    got = fast.predict_batch(_images())
+    for img, pred in zip(_images(), got):
+        ref = fp32.predict(img).label_map
+        assert (pred.label_map == ref).mean() >= 0.99
+        assert len(set(ref.ravel().tolist())) > 1
+    # the fast path works on a copy: the shared model still has its BatchNorms and fp32 weights
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_fast_path_is_shared_by_with_options():
+    seg = _segmenter(tiny_model(21, seed=5), "bf16", test_size=65)
+    other = seg.with_options(scales=())
+    assert other.fast_path() is seg.fast_path()
+
+
+def test_full_resnet101_bf16_agrees_with_fp32():
+    # random full-size weights are more rounding-sensitive than a trained model; the bar is still 99%
+    model = randomize_(build_model(21), seed=0)
+    fp32 = _segmenter(model, "fp32", scales=(), test_size=161)
+    fast = _segmenter(model, "bf16", scales=(), test_size=161)
+    img = scene_image(121, 161, seed=7)
+    assert (fast.predict(img).label_map == fp32.predict(img).label_map).mean() >= 0.99
+
+
+def test_auto_precision_follows_the_cpu():
+    expected = "bf16" if cpu_bf16_supported() else "fp32"
+    assert resolve_precision("auto", torch.device("cpu")) == expected
+    assert uses_fast_path(torch.device("cpu"), "bf16") and not uses_fast_path(torch.device("cpu"), "fp32")
+    assert physical_cores() >= 1
+
+
+def test_cpu_flags_decide_bf16(monkeypatch):
+    import segcore.fast as fast
+
+    monkeypatch.setattr(fast, "cpu_flags", lambda: frozenset({"avx512f", "avx512_vnni"}))
+    fast.cpu_bf16_supported.cache_clear()
+    try:
+        assert fast.cpu_bf16_supported() is False
+        monkeypatch.setattr(fast, "cpu_flags", lambda: frozenset({"avx512f", "amx_bf16"}))
+        fast.cpu_bf16_supported.cache_clear()
+        assert fast.cpu_bf16_supported() is bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    finally:
+        fast.cpu_bf16_supported.cache_clear()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_cuda_fast_path_agrees_with_cpu_fp32(precision):
+    if precision == "bf16" and not torch.cuda.is_bf16_supported():
+        pytest.skip("GPU without bf16")
+    model = tiny_model(21, seed=6)
+    cpu = _segmenter(model, "fp32", test_size=129)
+    gpu = _segmenter(tiny_model(21, seed=6), precision, device="cuda", test_size=129, batch_size=8)
+    assert isinstance(gpu.fast_path(), FastPath)
+    imgs = [scene_image(96, 129, seed=s) for s in range(8)]
+    for img, pred in zip(imgs, gpu.predict_batch(imgs)):
+        assert (pred.label_map == cpu.predict(img).label_map).mean() >= 0.99
+
+
+@pytest.mark.gpu
+def test_cuda_auto_precision_is_half():
+    seg = _segmenter(tiny_model(21), "auto", device="cuda")
+    assert seg.precision == ("bf16" if torch.cuda.is_bf16_supported() else "fp16")

@@ -1,0 +1,172 @@
+"""Video pipeline (issue 8): decodes, keeps size/rate/frame count/audio, cancels cleanly, bounded memory."""
+
+from __future__ import annotations
+
+import tracemalloc
+from fractions import Fraction
+
+import av
+import numpy as np
+import pytest
+from factories import scene_image, tiny_model
+
+import annotations
+from segcore import Segmenter
+from segcore.video import VideoCancelled, VideoError, VideoResult, segment_video
+
+
+def make_video(path, frames=24, size=(96, 64), fps=12, audio=False, codec="libx264"):
+    """Write a short clip of moving scene_image content (and a 440 Hz sine track when asked)."""
+    w, h = size
+    scene = scene_image(h, w * 2, seed=1)
+    with av.open(str(path), "w") as out:
+        v = out.add_stream(codec, rate=fps)
+        v.width, v.height, v.pix_fmt = w, h, "yuv420p"
+        a = None
+        if audio:
+            a = out.add_stream("aac", rate=16000)
+            a.layout = "mono"
+        for i in range(frames):
+            shift = (i * 3) % w
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(scene[:, shift:shift + w]), format="rgb24")
+            for p in v.encode(frame):
+                out.mux(p)
+        for p in v.encode(None):
+            out.mux(p)
+        if a is not None:
+            n = int(16000 * frames / fps)
+            t = np.arange(n) / 16000
+            samples = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)[None]
+            for start in range(0, n, 1024):
+                af = av.AudioFrame.from_ndarray(samples[:, start:start + 1024], format="fltp", layout="mono")
+                af.sample_rate = 16000
+                af.pts = start
+                for p in a.encode(af):
+                    out.mux(p)
+            for p in a.encode(None):
+                out.mux(p)
+    return path
+
+
+def read_video(path):
+    """(frame count, (w, h), average rate, has audio, first frame RGB) by decoding every frame."""
+    with av.open(str(path)) as c:
+        v = c.streams.video[0]
+        rate = v.average_rate
+        has_audio = bool(c.streams.audio)
+        codec = v.codec_context.name
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+    return len(frames), (frames[0].shape[1], frames[0].shape[0]), rate, has_audio, codec, frames
+
+
+@pytest.fixture(scope="module")
+def seg():
+    space = annotations.get_label_space("voc")
+    return Segmenter(tiny_model(21, seed=3, scales=()), space.class_names, space.palette, scales=(),
+                     test_size=65, device="cpu", precision="fp32")
+
+
+def test_output_keeps_frames_size_rate_and_audio(tmp_path, seg):
+    src = make_video(tmp_path / "in.mp4", frames=30, size=(96, 64), fps=15, audio=True)
+    calls = []
+    res = segment_video(seg, src, tmp_path / "out.mp4", batch_size=4, progress=lambda d, t: calls.append((d, t)))
+    assert isinstance(res, VideoResult) and res.path == tmp_path / "out.mp4"
+    n, size, rate, has_audio, codec, frames = read_video(res.path)
+    assert (n, size, rate, has_audio, codec) == (30, (96, 64), Fraction(15), True, "h264")
+    assert (res.frames, res.width, res.height, res.audio) == (30, 96, 64, True)
+    assert res.fps == pytest.approx(15)
+    assert 0 < res.model_seconds <= res.seconds
+    assert calls[-1] == (30, 30) and [d for d, _ in calls] == sorted(d for d, _ in calls) and len(calls) >= 8
+    # opacity 1 shows the class colours: the decoded frame is close to a palette colour everywhere
+    res1 = segment_video(seg, src, tmp_path / "solid.mp4", opacity=1.0)
+    first = read_video(res1.path)[5][0].astype(int)
+    dist = np.abs(first[:, :, None, :] - seg.palette[None, None].astype(int)).sum(-1).min(-1)
+    assert np.median(dist) < 30
+
+
+def test_no_audio_odd_size_and_stride(tmp_path, seg):
+    src = make_video(tmp_path / "odd.mkv", frames=17, size=(75, 49), fps=10, codec="mpeg4")
+    res = segment_video(seg, src, tmp_path / "out.mp4", frame_stride=3, smoothing=0.5, batch_size=2)
+    n, size, rate, has_audio, codec, frames = read_video(res.path)
+    assert (n, size, has_audio, codec) == (17, (74, 48), False, "h264")  # one pixel cropped for yuv420p
+    assert rate == Fraction(10) and not res.audio
+
+
+def test_labels_match_the_image_pipeline(tmp_path, seg):
+    # with opacity 1 the output is the colour map: it matches predict() on the decoded input frames
+    src = make_video(tmp_path / "in.mp4", frames=6, size=(96, 64), fps=6)
+    _, _, _, _, _, inputs = read_video(src)
+    res = segment_video(seg, src, tmp_path / "out.mp4", opacity=1.0, batch_size=4)
+    _, _, _, _, _, outputs = read_video(res.path)
+    for rgb, out in zip(inputs, outputs):
+        expected = seg.predict(rgb).colorize().astype(int)
+        assert np.abs(out.astype(int) - expected).mean() < 12  # H.264 is lossy; a wrong label is ~100+
+
+
+def test_cancel_removes_partial_output(tmp_path, seg):
+    src = make_video(tmp_path / "in.mp4", frames=24)
+    dst = tmp_path / "out.mp4"
+    seen = []
+    with pytest.raises(VideoCancelled):
+        segment_video(seg, src, dst, batch_size=2, progress=lambda d, t: seen.append(d), cancel=lambda: len(seen) >= 2)
+    assert not dst.exists() and list(tmp_path.iterdir()) == [src]
+
+
+def test_bad_inputs_name_the_file(tmp_path, seg):
+    bad = tmp_path / "broken.mp4"
+    bad.write_bytes(b"\x00\x01garbage" * 100)
+    with pytest.raises(VideoError, match="broken.mp4"):
+        segment_video(seg, bad, tmp_path / "out.mp4")
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    with pytest.raises(VideoError, match="notes.txt"):
+        segment_video(seg, text, tmp_path / "out.mp4")
+    with pytest.raises(VideoError, match="missing.mp4"):
+        segment_video(seg, tmp_path / "missing.mp4", tmp_path / "out.mp4")
+    assert not (tmp_path / "out.mp4").exists()
+
+
+def test_limits_fail_before_work(tmp_path, seg):
+    src = make_video(tmp_path / "in.mp4", frames=24, size=(96, 64), fps=12)
+    calls = []
+    for kwargs, msg in (({"max_frames": 10}, "frames"), ({"max_seconds": 1.0}, "limit"),
+                        ({"max_pixels": 1000}, "pixels")):
+        with pytest.raises(VideoError, match=msg):
+            segment_video(seg, src, tmp_path / "out.mp4", progress=lambda d, t: calls.append(d), **kwargs)
+    assert calls == [] and not (tmp_path / "out.mp4").exists()
+
+
+def _peak_bytes(seg, src, dst):
+    tracemalloc.start()
+    try:
+        segment_video(seg, src, dst, batch_size=2)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_memory_does_not_grow_with_length(tmp_path, seg):
+    # numpy registers its buffers with tracemalloc, so a pipeline that kept frames would show here
+    short = make_video(tmp_path / "short.mp4", frames=8, size=(64, 48), fps=8)
+    long = make_video(tmp_path / "long.mp4", frames=80, size=(64, 48), fps=8)
+    _peak_bytes(seg, short, tmp_path / "warm.mp4")
+    a = _peak_bytes(seg, short, tmp_path / "a.mp4")
+    b = _peak_bytes(seg, long, tmp_path / "b.mp4")
+    frame = 64 * 48 * 3
+    assert b < a * 1.5 + 20 * frame, (a, b)  # keeping all 80 frames would add > 70 frames' worth
+
+
+def test_video_command(tmp_path):
+    from factories import tiny_checkpoint
+
+    from segcore.cli import main
+
+    ckpt = tiny_checkpoint(tmp_path / "tiny.pth", n_classes=21, seed=2)
+    src = make_video(tmp_path / "in.mp4", frames=10, size=(64, 48), fps=10, audio=True)
+    dst = tmp_path / "out.mp4"
+    code = main(["video", str(src), str(dst), "--weights", str(ckpt), "--test-size", "65", "--scales",
+                 "--stride", "2", "--smoothing", "0.3", "--opacity", "0.6"])
+    assert code == 0
+    n, size, rate, has_audio, codec, _ = read_video(dst)
+    assert (n, size, rate, has_audio) == (10, (64, 48), Fraction(10), True)
+    assert main(["video", str(tmp_path / "nope.mp4"), str(dst), "--weights", str(ckpt)]) == 2
