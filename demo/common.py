@@ -103,8 +103,10 @@ def user_errors(what: str = ""):
     except gr.Error:
         raise
     except USER_ERRORS as exc:
-        prefix = f"{what}: " if what else ""
-        raise gr.Error(prefix + readable(str(exc) or type(exc).__name__), duration=None) from exc
+        message = readable(str(exc) or type(exc).__name__)
+        if what and not message.startswith(what):
+            message = f"{what}: {message}"
+        raise gr.Error(message, duration=None) from exc
     except Exception as exc:  # pragma: no cover - a bug, but the server keeps serving
         log.exception("unexpected error")
         raise gr.Error(f"Unexpected error ({type(exc).__name__}): {readable(str(exc))}", duration=None) from exc

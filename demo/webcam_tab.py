@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 
 import gradio as gr
 
 from .common import user_errors
 from .panel import Context, model_for
 
-STREAM_EVERY = 0.2  # seconds between frames the browser sends; late frames are dropped, not queued
+STREAM_EVERY = 0.2
+"""Seconds between the frames the browser sends. A stream event is one long run that, after each frame,
+takes the newest frame the browser has: frames that arrive meanwhile are skipped, never queued (in
+Gradio 6 that is the stream's own behaviour; ``trigger_mode="always_last"`` stops a stream after one frame)."""
+STREAM_SECONDS = 120
+"""One webcam session's turn (concurrency 1): then the next session in the queue gets the model."""
 
 
 def build(ctx: Context) -> None:
@@ -24,23 +30,27 @@ def build(ctx: Context) -> None:
         with gr.Row():
             size = gr.Slider(65, 513, value=257, step=8, label="Webcam test size")
             fps = gr.Markdown("– frames/s", elem_id="webcam-fps")
-        state = gr.State(None)
+    clocks: OrderedDict[str, dict] = OrderedDict()  # per session: time of the last frame, smoothed rate
 
-    def segment_frame(frame, weights, opacity, test_size, last):
+    def segment_frame(frame, weights, opacity, test_size, request: gr.Request):
         if frame is None:
-            return None, "– frames/s", last
+            return None, "– frames/s"
         seg = model_for(ctx, weights, False, False, test_size)
         with user_errors("webcam frame"):
             over = seg.predict(frame).overlay(float(opacity if opacity is not None else 0.5))
+        key = getattr(request, "session_hash", None) or "default"
         now = time.perf_counter()
+        last = clocks.pop(key, None)
         rate = None
-        if last:
+        if last is not None and now - last["t"] < 5:  # a pause restarts the count
             dt = max(now - last["t"], 1e-6)
-            rate = 1.0 / dt if last.get("fps") is None else 0.7 * last["fps"] + 0.3 / dt
-        text = f"{rate:.1f} frames/s" if rate is not None else "– frames/s"
-        return over, text, {"t": now, "fps": rate}
+            rate = 1.0 / dt if last["fps"] is None else 0.7 * last["fps"] + 0.3 / dt
+        clocks[key] = {"t": now, "fps": rate}
+        while len(clocks) > 256:
+            clocks.popitem(last=False)
+        return over, f"{rate:.1f} frames/s" if rate is not None else "– frames/s"
 
-    camera.stream(segment_frame, [camera, ctx.weights, ctx.opacity, size, state], [live, fps, state],
+    camera.stream(segment_frame, [camera, ctx.weights, ctx.opacity, size], [live, fps],
                   stream_every=STREAM_EVERY, concurrency_limit=1, concurrency_id="webcam",
-                  trigger_mode="always_last", time_limit=600, api_visibility="undocumented",
+                  time_limit=STREAM_SECONDS, api_visibility="undocumented",
                   show_progress="hidden")

@@ -213,7 +213,7 @@ def test_segment_video(client, tmp_path):
     import av
 
     src = write_video(tmp_path / "clip.mp4", frames=12)
-    out, info = call(client, "/segment_video", {"video": handle_file(str(src))}, *MODEL, 0.5, 1, 0.0)
+    out, info = call(client, "/segment_video", handle_file(str(src)), *MODEL, 0.5, 1, 0.0)
     path = out["video"] if isinstance(out, dict) else out
     with av.open(path) as container:
         stream = container.streams.video[0]
@@ -223,14 +223,26 @@ def test_segment_video(client, tmp_path):
     assert "12 frames" in info
 
 
+def test_cancel_video(client, tmp_path):
+    src = write_video(tmp_path / "longer.mp4", frames=90, fps=30, size=(160, 120))
+    job = client.submit(handle_file(str(src)), *MODEL, 0.5, 1, 0.0, api_name="/segment_video")
+    deadline = time.monotonic() + 120
+    while not (job.status().progress_data or job.done()) and time.monotonic() < deadline:
+        time.sleep(0.05)  # wait until frames are being segmented
+    assert not job.done(), "the video finished before it could be cancelled"
+    client.predict(api_name="/cancel_video")  # the same client: the same session
+    video, info = job.result(timeout=120)
+    assert video is None and info.startswith("Cancelled")
+
+
 def test_video_limits_and_bad_files(client, tmp_path):
     long = write_video(tmp_path / "long.mp4", frames=8 * (MAX_VIDEO_SECONDS + 2))
-    with pytest.raises(Exception, match=r"(?i)second"):
-        call(client, "/segment_video", {"video": handle_file(str(long))}, *MODEL, 0.5, 1, 0.0)
+    with pytest.raises(Exception, match=r"^long.mp4: 5.0 s long, over the limit of 3 s"):
+        call(client, "/segment_video", handle_file(str(long)), *MODEL, 0.5, 1, 0.0)
     junk = tmp_path / "junk.mp4"
     junk.write_bytes(b"\x00\x00\x00\x18ftypmp42 but nothing else")
     with pytest.raises(Exception, match="junk.mp4"):
-        call(client, "/segment_video", {"video": handle_file(str(junk))}, *MODEL, 0.5, 1, 0.0)
+        call(client, "/segment_video", handle_file(str(junk)), *MODEL, 0.5, 1, 0.0)
 
 
 # ----------------------------------------------------------------------------- evaluate

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
 
 from factories import tiny_checkpoint  # noqa: E402
 from labelme_fixtures import generate_folder  # noqa: E402
@@ -156,8 +156,8 @@ def take_screenshots(out_dir: Path) -> list[Path]:
             shot("video")
 
             page.get_by_role("tab", name="Webcam").click()
-            page.locator("#webcam-input").get_by_role("button").filter(has_text="Record").or_(
-                page.locator("#webcam-input button[aria-label*='ecord']")).first.click()
+            page.locator("#webcam-input").get_by_text("Click to Access Webcam").click()
+            page.locator("#webcam-input button.capture-button").click()
             page.wait_for_function("document.querySelector('#webcam-fps').innerText.includes('frames/s') && "
                                    "!document.querySelector('#webcam-fps').innerText.includes('–')")
             page.wait_for_timeout(2000)
