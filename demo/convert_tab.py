@@ -23,8 +23,10 @@ def build(ctx) -> None:
                     space = gr.Dropdown(["voc", "cocostuff"], value="voc", label="Label space")
                     unknown = gr.Radio(["error", "ignore"], value="error", label="Unknown labels",
                                        info="ignore: such shapes become 255 (ignore) with a warning")
-                labels = gr.File(label="labels.txt (optional, overrides the label space)", file_types=[".txt"])
-                mapping = gr.File(label="Name mapping (YAML / JSON, optional)", file_types=[".yaml", ".yml", ".json"])
+                labels = gr.File(label="labels.txt (optional, overrides the label space)", file_types=[".txt"],
+                                 height=120)
+                mapping = gr.File(label="Name mapping (YAML / JSON, optional)", file_types=[".yaml", ".yml", ".json"],
+                                  height=120)
                 instances = gr.Checkbox(False, label="Also write instance maps (SegmentationObject)")
         run = gr.Button("Convert", variant="primary", elem_id="run-convert")
         with gr.Row():
@@ -51,6 +53,12 @@ def build(ctx) -> None:
                                                 unknown=unknown_ or "error", instances=bool(instances_),
                                                 workers=1, progress=on_progress)
         text = readable(report.summary())
+        warnings = [f"warning {w['file']}{' shape ' + str(w['shape']) if w.get('shape') is not None else ''}: "
+                    f"{w['reason']}" for w in report.warnings]
+        if warnings:
+            text += "\n" + readable("\n".join(warnings[:200]))
+            if len(warnings) > 200:
+                text += f"\n... and {len(warnings) - 200} more warnings (see report.json)"
         if not report.converted:
             raise gr.Error("Nothing was converted.\n" + text, duration=None)
         archive = zip_folder(out, job / "dataset.zip")

@@ -93,12 +93,14 @@ def build(ctx: Context) -> None:
             predictions = gr.File(label="Predicted masks (PNG, same file names) or a .zip", file_count="multiple",
                                   visible=False, elem_id="eval-predictions")
             with gr.Column():
-                mapping = gr.File(label="Name mapping (YAML / JSON, optional)", file_types=[".yaml", ".yml", ".json"])
+                mapping = gr.File(label="Name mapping (YAML / JSON, optional)", file_types=[".yaml", ".yml", ".json"],
+                                  height=120)
                 with gr.Row():
                     space = gr.Dropdown(SPACE_CHOICES, value="model", label="Label space",
                                         info="model: the selected weights' classes")
                     unknown = gr.Radio(["error", "ignore"], value="error", label="Unknown labels")
-                labels = gr.File(label="labels.txt (optional, overrides the label space)", file_types=[".txt"])
+                labels = gr.File(label="labels.txt (optional, overrides the label space)", file_types=[".txt"],
+                                 height=120)
         run = gr.Button("Evaluate", variant="primary", elem_id="run-evaluate")
         summary = gr.Markdown(elem_id="eval-summary")
         with gr.Row():
@@ -110,7 +112,7 @@ def build(ctx: Context) -> None:
             confusion = gr.Plot(label="Confusion matrix", show_label=False, elem_id="eval-confusion")
         per_image = gr.Dataframe(label="Per image, worst first", interactive=False, elem_id="eval-per-image",
                                  max_height=320)
-        gallery = gr.Gallery(label="Worst images: image | ground truth | prediction", columns=2, height=420,
+        gallery = gr.Gallery(label="Worst images: image | ground truth | prediction", columns=2, height=320,
                              object_fit="contain", format="png",
                              elem_id="eval-worst")
         issues = gr.Textbox(label="Failures and conversion warnings", lines=4, max_lines=20, elem_id="eval-issues")
@@ -158,6 +160,7 @@ def build(ctx: Context) -> None:
             archive = zip_folder(out, job / "evaluation_report.zip")
             palette = label_space.palette
             bar_fig = segcore.class_iou_figure(result.scores, result.class_names, palette)
+            bar_fig.update_layout(margin=dict(t=100))  # the axis sits on top: keep it clear of the title
             conf_fig = segcore.confusion_figure(result.scores, result.class_names)
         what = f"`{seg.name}` ({'multi-scale' if seg.scales else 'single scale'}{', CRF' if seg.crf else ''}, " \
                f"test size {seg.test_size})" if seg is not None else "stored predictions"

@@ -37,11 +37,11 @@ def status_text(store: ModelStore, name: str | None) -> str:
     name = name or store.default
     problem = store.missing(name)
     if problem:
-        return f"⚠️ {problem}"
+        return f"**Weights missing.** {problem}"
     if store.is_loaded(name):
         seg = store.get(name)
-        return f"✅ `{name}` is loaded: {seg.n_classes} classes, {seg.device}, {seg.precision}."
-    return f"`{name}` loads on first use (a few seconds), then stays loaded for every request."
+        return f"**Ready:** `{name}` is loaded, {seg.n_classes} classes, {seg.device}, {seg.precision}."
+    return f"**Ready:** `{name}` loads on first use (a few seconds), then stays loaded for every request."
 
 
 def build_panel(ctx: Context) -> None:
@@ -80,7 +80,7 @@ def build_panel(ctx: Context) -> None:
         progress(0.1, desc="Checking and loading the checkpoint")
         with user_errors(Path(paths[0]).name):
             name, seg = store.upload(paths[0], label_space)
-        message = (f"✅ `{name}` is loaded: {seg.n_classes} classes "
+        message = (f"**Ready:** `{name}` is loaded, {seg.n_classes} classes "
                    f"({', '.join(seg.class_names[:6])}{', …' if seg.n_classes > 6 else ''}).")
         return name, message
 

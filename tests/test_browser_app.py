@@ -175,7 +175,7 @@ def take_screenshots(out_dir: Path) -> list[Path]:
             page.wait_for_selector("#convert-files [aria-label='my_annotations.zip']")
             page.click("#run-convert")
             page.wait_for_selector("#convert-dataset a[download='dataset.zip']")
-            shot("convert")
+            shot("convert", full=True)
             b.close()
     return shots
 
