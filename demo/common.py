@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import html
 import logging
+import math
 import os
 import re
 import shutil
@@ -52,7 +53,7 @@ class AppConfig:
     """Result files older than this are removed when later requests come in."""
 
     @classmethod
-    def from_env(cls, **overrides) -> "AppConfig":
+    def from_env(cls, **overrides) -> AppConfig:
         cfg = cls(
             weights=os.environ.get("SEGCORE_WEIGHTS") or "voc12",
             device=os.environ.get("SEGCORE_DEVICE") or "auto",
@@ -218,4 +219,4 @@ def pct(value) -> float | None:
     if value is None:
         return None
     value = float(value)
-    return None if value != value else round(100.0 * value, 2)
+    return None if math.isnan(value) else round(100.0 * value, 2)

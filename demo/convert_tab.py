@@ -34,23 +34,24 @@ def build(ctx) -> None:
             summary = gr.Textbox(label="Conversion report", lines=6, max_lines=30, elem_id="convert-summary")
         details = gr.JSON(label="report.json", open=False)
 
-    def convert(files_, space_, unknown_, labels_, mapping_, instances_, progress=gr.Progress()):
-        require(as_paths(files_), "Upload labelme files (.json with their images) or a .zip first.")
+    def convert(labelme_files, label_space, unknown_labels, labels_file, mapping_file, instances,
+                progress=gr.Progress()):
+        require(as_paths(labelme_files), "Upload labelme files (.json with their images) or a .zip first.")
         job = ctx.work.new("convert")
-        label_space = str(as_paths(labels_)[0]) if as_paths(labels_) else (space_ or "voc")
-        map_file = str(as_paths(mapping_)[0]) if as_paths(mapping_) else None
+        space = str(as_paths(labels_file)[0]) if as_paths(labels_file) else (label_space or "voc")
+        map_file = str(as_paths(mapping_file)[0]) if as_paths(mapping_file) else None
 
         def on_progress(done, total):
             progress((done, total), desc="Converting", unit="files")
 
         with user_errors():
-            paths = as_paths(files_)
+            paths = as_paths(labelme_files)
             # a single zip goes in as it is: the report then names files relative to the zip
             source = paths[0] if len(paths) == 1 and paths[0].suffix.lower() == ".zip" \
                 else gather_uploads(paths, job / "input")
             out = job / "dataset"
-            report = annotations.convert_folder(source, out, label_space, mapping=map_file,
-                                                unknown=unknown_ or "error", instances=bool(instances_),
+            report = annotations.convert_folder(source, out, space, mapping=map_file,
+                                                unknown=unknown_labels or "error", instances=bool(instances),
                                                 workers=1, progress=on_progress)
         text = readable(report.summary())
         warnings = [f"warning {w['file']}{' shape ' + str(w['shape']) if w.get('shape') is not None else ''}: "

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import gradio as gr
 import pandas as pd
@@ -125,42 +124,42 @@ def build(ctx: Context) -> None:
 
     mode.change(switch, mode, [files, predictions, mapping], api_visibility="private", queue=False)
 
-    def evaluate(mode_, files_, predictions_, mapping_, space_, labels_, unknown_, weights, multiscale, crf,
-                 test_size, progress=gr.Progress(track_tqdm=True)):
-        masks = mode_ == MASKS_MODE
-        require(as_paths(files_), "Upload ground-truth masks first." if masks else
+    def evaluate(mode_name, annotation_files, prediction_files, mapping_file, label_space, labels_file,
+                 unknown_labels, weights, multiscale, crf, test_size, progress=gr.Progress(track_tqdm=True)):
+        masks = mode_name == MASKS_MODE
+        require(as_paths(annotation_files), "Upload ground-truth masks first." if masks else
                 "Upload labelme files (.json with their images) or a .zip first.")
         job = ctx.work.new("evaluate")
         warnings: list[dict] = []
         seg = None
         with user_errors():
             if masks:
-                require(as_paths(predictions_), "Upload the predicted masks too (PNG files or a .zip).")
-                gt = gather_uploads(files_, job / "ground_truth")
-                pred = gather_uploads(predictions_, job / "predictions")
-                label_space = resolve_space(space_ if space_ != "model" else "voc", labels_, None)
-                dataset = segcore.open_dataset(gt, "masks", predictions=pred, label_space=label_space)
+                require(as_paths(prediction_files), "Upload the predicted masks too (PNG files or a .zip).")
+                gt = gather_uploads(annotation_files, job / "ground_truth")
+                pred = gather_uploads(prediction_files, job / "predictions")
+                space = resolve_space(label_space if label_space != "model" else "voc", labels_file, None)
+                dataset = segcore.open_dataset(gt, "masks", predictions=pred, label_space=space)
             else:
                 seg = model_for(ctx, weights, multiscale, crf, test_size, progress)
-                label_space = resolve_space(space_, labels_, seg)
-                paths = as_paths(files_)
+                space = resolve_space(label_space, labels_file, seg)
+                paths = as_paths(annotation_files)
                 # a single zip is read as it is, like `python -m segcore evaluate data.zip` (same image ids)
                 source = paths[0] if len(paths) == 1 and paths[0].suffix.lower() == ".zip" \
                     else gather_uploads(paths, job / "annotations")
-                map_file = str(as_paths(mapping_)[0]) if as_paths(mapping_) else None
-                dataset = segcore.open_dataset(source, "labelme", label_space=label_space, mapping=map_file,
-                                               unknown=unknown_ or "error")
+                map_file = str(as_paths(mapping_file)[0]) if as_paths(mapping_file) else None
+                dataset = segcore.open_dataset(source, "labelme", label_space=space, mapping=map_file,
+                                               unknown=unknown_labels or "error")
                 progress(0.0, desc="Checking annotations")
-                warnings = conversion_warnings(dataset, label_space, map_file, unknown_ or "error")
+                warnings = conversion_warnings(dataset, space, map_file, unknown_labels or "error")
             progress(0.0, desc="Evaluating")
             out = job / "report"
             result = segcore.evaluate(seg, dataset, out_dir=out, progress=True, distributed=False,
-                                      palette=label_space.palette)
+                                      palette=space.palette)
             (out / "conversion_warnings.json").write_text(json.dumps(warnings, indent=2), encoding="utf-8")
             archive = zip_folder(out, job / "evaluation_report.zip")
-            palette = label_space.palette
+            palette = space.palette
             bar_fig = segcore.class_iou_figure(result.scores, result.class_names, palette)
-            bar_fig.update_layout(margin=dict(t=100))  # the axis sits on top: keep it clear of the title
+            bar_fig.update_layout(margin={"t": 100})  # the axis sits on top: keep it clear of the title
             conf_fig = segcore.confusion_figure(result.scores, result.class_names)
         what = f"`{seg.name}` ({'multi-scale' if seg.scales else 'single scale'}{', CRF' if seg.crf else ''}, " \
                f"test size {seg.test_size})" if seg is not None else "stored predictions"

@@ -12,27 +12,31 @@ from .common import EXAMPLES_DIR, legend_html, safe_stem, user_errors
 from .panel import Context, model_for, refresh_status
 
 
-class PathImage(gr.Image):
-    """gr.Image that hands the uploaded file to segcore untouched.
+def path_image(**kwargs) -> gr.Image:
+    """A gr.Image that hands the uploaded file to segcore untouched.
 
     segcore's ``load_image`` then decodes it once, with the pixel cap, EXIF rotation and a readable
     message for corrupt or unsupported files (gr.Image would open it with Pillow first and fail with a
-    bare error).
+    bare error). The instance's ``preprocess`` is replaced rather than subclassing gr.Image, because
+    Gradio writes a ``.pyi`` file beside every module that defines a component class.
     """
+    image = gr.Image(type="filepath", image_mode=None, **kwargs)
+    base = image.preprocess
 
-    is_template = True  # rendered by the frontend's Image component
-
-    def preprocess(self, payload):
+    def preprocess(payload):
         if payload is None:
             return None
         if payload.path and not (payload.url or "").startswith("data:"):
             return str(payload.path)
         try:
-            return super().preprocess(payload)
+            return base(payload)
         except gr.Error:
             raise
         except Exception as exc:
             raise gr.Error(f"{payload.orig_name or 'the image'}: not a readable image ({exc})") from exc
+
+    image.preprocess = preprocess
+    return image
 
 
 def examples() -> list[str]:
@@ -44,8 +48,8 @@ def build(ctx: Context) -> None:
     with gr.Tab("Image", id="image"):
         with gr.Row():
             with gr.Column(scale=1, min_width=260):
-                image = PathImage(label="Image", sources=["upload", "clipboard"], type="filepath", image_mode=None,
-                                  elem_id="image-input", height=300)
+                image = path_image(label="Image", sources=["upload", "clipboard"], elem_id="image-input",
+                                   height=300)
                 run = gr.Button("Segment", variant="primary", elem_id="segment-image")
                 if examples():
                     gr.Examples(examples(), inputs=image, label="Examples")
@@ -61,13 +65,13 @@ def build(ctx: Context) -> None:
         if cfg.max_image_pixels:
             gr.Markdown(f"Images up to {cfg.max_image_pixels / 1e6:g} megapixels.", elem_classes="limits")
 
-    def segment_image(path, weights, multiscale, crf, test_size, opacity, progress=gr.Progress()):
-        if not path:
+    def segment_image(image, weights, multiscale, crf, test_size, opacity, progress=gr.Progress()):
+        if not image:
             raise gr.Error("Upload, paste or pick an example image first.")
         seg = model_for(ctx, weights, multiscale, crf, test_size, progress)
-        name = Path(path).name
+        name = Path(image).name
         with user_errors():
-            rgb = segcore.load_image(path, max_pixels=cfg.max_image_pixels, name=name)
+            rgb = segcore.load_image(image, max_pixels=cfg.max_image_pixels, name=name)
             progress(0.5, desc="Segmenting")
             pred = seg.predict(rgb)
             over = pred.overlay(float(opacity if opacity is not None else 0.5))

@@ -9,7 +9,7 @@ import gradio as gr
 
 import segcore
 
-from .common import AppConfig, WorkDir, as_paths, readable, user_errors
+from .common import USER_ERRORS, AppConfig, WorkDir, as_paths, readable, user_errors
 from .models import ModelStore
 
 LABEL_CHOICES = ["auto", "voc", "cocostuff"]
@@ -105,7 +105,5 @@ def model_for(ctx: Context, weights, multiscale, crf, test_size, progress=None) 
     except segcore.DownloadError as exc:
         raise gr.Error(f"The {weights} weights are not available: {readable(str(exc))}. "
                        "Or upload a checkpoint under Model ▸ Upload a checkpoint.", duration=None) from exc
-    except Exception as exc:
-        with user_errors(f"weights {weights}"):
-            raise exc
-        raise
+    except USER_ERRORS as exc:
+        raise gr.Error(f"weights {weights}: {readable(str(exc))}", duration=None) from exc

@@ -76,26 +76,26 @@ def build(ctx: Context) -> None:
                                   height=320)
                 info = gr.Markdown(elem_id="video-info")
 
-    def segment_video(path, weights, multiscale, crf, test_size, opacity, frame_stride, smooth,
+    def segment_video(video, weights, multiscale, crf, test_size, opacity, frame_stride, smooth,
                       request: gr.Request, progress=gr.Progress()):
-        if not path:
+        if not video:
             raise gr.Error("Upload a video first.")
         try:
             from segcore import video as segvideo
         except ImportError as exc:
             raise gr.Error(f"Video support is not available on this server ({exc}).") from exc
         seg = model_for(ctx, weights, multiscale, crf, test_size, progress)
-        dst = ctx.work.new("video") / f"{safe_stem(path, 'video')}_segmented.mp4"
+        dst = ctx.work.new("video") / f"{safe_stem(video, 'video')}_segmented.mp4"
         flag = flags.start(request)
 
         def on_progress(done, total):
             progress((int(done), int(total) if total else None), desc="Segmenting frames", unit="frames")
 
         try:
-            with user_errors(Path(path).name):
+            with user_errors(Path(video).name):
                 try:
                     res = segvideo.segment_video(
-                        seg, path, dst, opacity=float(opacity if opacity is not None else 0.5),
+                        seg, video, dst, opacity=float(opacity if opacity is not None else 0.5),
                         frame_stride=int(frame_stride or 1), smoothing=float(smooth or 0.0),
                         progress=on_progress, cancel=flag.is_set, max_seconds=cfg.max_video_seconds,
                         max_frames=cfg.max_video_frames, max_pixels=cfg.max_video_pixels)
@@ -112,7 +112,6 @@ def build(ctx: Context) -> None:
     def cancel(request: gr.Request):
         if flags.cancel(request):
             gr.Info("Cancelling after the current frames…")
-        return None
 
     event = run.click(segment_video, [video, *ctx.model_inputs(), ctx.opacity, stride, smoothing], [result, info],
               api_name="segment_video", concurrency_id="model")

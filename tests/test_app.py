@@ -21,13 +21,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from factories import scene_image, tiny_checkpoint
 from labelme_fixtures import generate_folder, write_labelme
+from PIL import Image
 
 gradio_client = pytest.importorskip("gradio_client")
-from gradio_client import Client, handle_file  # noqa: E402
+from gradio_client import Client, handle_file
 
 REPO = Path(__file__).resolve().parent.parent
 TEST_SIZE = 65

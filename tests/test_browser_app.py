@@ -18,9 +18,9 @@ import pytest
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
 
-from factories import tiny_checkpoint  # noqa: E402
-from labelme_fixtures import generate_folder  # noqa: E402
-from test_app import running_app  # noqa: E402
+from factories import tiny_checkpoint
+from labelme_fixtures import generate_folder
+from test_app import running_app
 
 pytestmark = pytest.mark.browser
 
