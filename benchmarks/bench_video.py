@@ -96,7 +96,7 @@ def run(quick: bool) -> dict:
             "frames_per_s": round(res.frames / res.seconds, 3), "seconds": round(res.seconds, 2),
             "model_seconds": round(res.model_seconds, 2),
             "outside_model_share": round(1 - res.model_seconds / res.seconds, 4)}
-        short_n = 8 if quick else 30
+        short_n = 5 if quick else 30
         short = make_clip(tmp / "short.mp4", short_n, size=(320, 180) if quick else (640, 360))
         long = make_clip(tmp / "long.mp4", 10 * short_n, size=(320, 180) if quick else (640, 360))
         test_size = 65 if quick else 161
