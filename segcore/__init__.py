@@ -10,6 +10,7 @@ from .image import load_image, resize_long_side
 from .metrics import ConfusionMatrix, MetricsError, compute_scores, image_scores, to_json_dict
 from .model import BGR_MEAN, MSC, DeepLabV2, ModelConfig, build_model, msc_forward
 from .segmenter import Prediction, Segmenter, palette_image
+from .video import VideoCancelled, VideoError, VideoResult, segment_video
 from .weights import REGISTRY, Weights, cache_dir, download
 
 _REPORT = ("ReportError", "class_iou_figure", "confusion_figure", "format_score_table", "sha256_file",
@@ -26,7 +27,8 @@ def __getattr__(name):
 
 
 __all__ = [*_REPORT, "DatasetError", "EvaluationError", "EvaluationResult", "Sample", "SegmentationDataset",
-           "evaluate", "open_dataset", "convert_caffe_file", "convert_caffemodel", "read_backbone",
+           "evaluate", "open_dataset", "VideoCancelled", "VideoError", "VideoResult", "segment_video",
+           "convert_caffe_file", "convert_caffemodel", "read_backbone",
            "ConfusionMatrix", "MetricsError", "compute_scores", "image_scores", "to_json_dict",
     "BGR_MEAN", "MSC", "REGISTRY", "Checkpoint", "CheckpointError", "DeepLabV2", "DenseCRF", "DownloadError",
     "ImageError", "ModelConfig", "Prediction", "SegcoreError", "Segmenter", "Weights", "build_model",
