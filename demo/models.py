@@ -130,7 +130,11 @@ class ModelStore:
     def upload(self, path: str | Path, label_space: str | None = None) -> tuple[str, segcore.Segmenter]:
         """Keep an uploaded checkpoint, load it (which validates it) and add it to the menu."""
         path = Path(path)
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        digest = h.hexdigest()[:12]
         self.upload_dir.mkdir(parents=True, exist_ok=True)
         kept = self.upload_dir / f"{digest}_{path.name}"
         if not kept.exists():
