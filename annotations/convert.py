@@ -287,13 +287,14 @@ class _Input:
             self.tmp = None
 
     def display(self, path: str) -> str:
-        """Path for reports: relative inside an extracted zip."""
-        if self.tmp is not None:
-            try:
-                return str(Path(path).relative_to(Path(self.tmp) / "x"))
-            except ValueError:
-                return path
-        return path
+        """Path for reports: relative to the input folder (or the zip's root), so no local path leaks."""
+        base = Path(self.tmp) / "x" if self.tmp is not None else self.root
+        if base is None:
+            return path
+        try:
+            return str(Path(path).resolve().relative_to(Path(base).resolve()))
+        except ValueError:
+            return path
 
 
 # ----------------------------------------------------------------------------- workers

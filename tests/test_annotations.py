@@ -390,3 +390,17 @@ def test_package_imports_no_heavy_dependencies():
     code = ("import sys, annotations; bad = [m for m in ('torch', 'segcore', 'gradio', 'yaml', 'labelme') "
             "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+
+
+def test_written_report_names_files_relative_to_the_input(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    _bad_folder(src)
+    (src / "sub").mkdir()
+    (src / "sub" / "broken.json").write_text("{")
+    rep = A.convert_folder(src.resolve(), tmp_path / "out", "voc", workers=1)
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())
+    files = [e["file"] for e in saved["errors"] + saved["warnings"]]
+    assert "malformed.json" in files and os.path.join("sub", "broken.json") in files
+    assert not any(str(tmp_path) in f for f in files)  # no local path leaks into a shared dataset
+    assert len(rep.errors) == len(saved["errors"])
