@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import gradio as gr
@@ -38,22 +37,6 @@ def resolve_space(choice: str | None, labels_file, seg: segcore.Segmenter | None
     lowered = [n.lower() for n in names]
     background = next((lowered.index(b) for b in ("background", "_background_") if b in lowered), None)
     return annotations.LabelSpace(seg.name or "model", names, seg.palette, background_index=background)
-
-
-def conversion_warnings(dataset, space, mapping, unknown: str) -> list[dict]:
-    """Warnings of converting each labelme file of ``dataset`` (errors are the evaluation's failures).
-
-    The evaluator keeps only the class maps, so the files are converted once more here for their warnings.
-    """
-    found = []
-    for i, item in enumerate(dataset.items):
-        try:
-            conv = annotations.convert_file(item.label, space, mapping=mapping, unknown=unknown)
-        except (annotations.AnnotationError, OSError, ValueError):
-            continue
-        shown = readable(dataset.source(i))
-        found.extend({**w, "file": shown} for w in conv.warnings)
-    return found
 
 
 def scores_table(result: segcore.EvaluationResult) -> pd.DataFrame:
@@ -130,7 +113,6 @@ def build(ctx: Context) -> None:
         require(as_paths(annotation_files), "Upload ground-truth masks first." if masks else
                 "Upload labelme files (.json with their images) or a .zip first.")
         job = ctx.work.new("evaluate")
-        warnings: list[dict] = []
         seg = None
         with user_errors():
             if masks:
@@ -149,13 +131,11 @@ def build(ctx: Context) -> None:
                 map_file = str(as_paths(mapping_file)[0]) if as_paths(mapping_file) else None
                 dataset = segcore.open_dataset(source, "labelme", label_space=space, mapping=map_file,
                                                unknown=unknown_labels or "error")
-                progress(0.0, desc="Checking annotations")
-                warnings = conversion_warnings(dataset, space, map_file, unknown_labels or "error")
             progress(0.0, desc="Evaluating")
             out = job / "report"
             result = segcore.evaluate(seg, dataset, out_dir=out, progress=True, distributed=False,
                                       palette=space.palette)
-            (out / "conversion_warnings.json").write_text(json.dumps(warnings, indent=2), encoding="utf-8")
+            warnings = [{**w, "file": readable(w["file"])} for w in result.warnings]
             archive = zip_folder(out, job / "evaluation_report.zip")
             palette = space.palette
             bar_fig = segcore.class_iou_figure(result.scores, result.class_names, palette)

@@ -71,13 +71,14 @@ class Sample:
     """One dataset item. ``image`` is HxWx3 uint8 RGB, ``label`` HxW uint8 (255 = ignore) or None.
 
     ``prediction`` is set only by the ``masks`` format (a stored prediction, HxW; ``image`` is None
-    there since no model runs).
+    there since no model runs). ``warnings`` are the labelme conversion's (file, shape, reason).
     """
 
     name: str
     image: np.ndarray | None
     label: np.ndarray | None
     prediction: np.ndarray | None = None
+    warnings: tuple[dict, ...] = ()
 
 
 @dataclass
@@ -301,7 +302,8 @@ class LabelmeDataset(SegmentationDataset):
                 message = message.replace(str(self._tmp) + os.sep, f"{self._display_root}:")
             shown = self._display(item.label)
             raise DatasetError(message if shown in message else f"{shown}: {message}") from exc
-        return Sample(item.name, conv.image, conv.class_map)
+        warnings = tuple({**w, "file": self._display(Path(w["file"]))} for w in conv.warnings)
+        return Sample(item.name, conv.image, conv.class_map, warnings=warnings)
 
 
 class MaskPairDataset(SegmentationDataset):

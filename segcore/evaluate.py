@@ -46,6 +46,8 @@ class EvaluationResult:
     """One row per evaluated image: ``image``, ``pixel_accuracy``, ``mean_iou``, ``valid_pixels``."""
     failures: list[dict]
     """One entry per image that could not be evaluated: ``index``, ``image``, ``file``, ``reason``."""
+    warnings: list[dict]
+    """Problems that did not stop an image (labelme shapes skipped or clipped): ``file``, ``shape``, ``reason``."""
     worst: list[dict]
     """Lowest-mIoU images, worst first: scores, ``thumbnail`` (image | ground truth | prediction
     strip, uint8 RGB) and ``path`` of the written PNG when there is an output folder."""
@@ -71,6 +73,8 @@ class EvaluationResult:
             if len(self.failures) > 20:
                 shown.append(f"  ... and {len(self.failures) - 20} more (see scores.json)")
             line = "\n".join([line, *shown])
+        if self.warnings:
+            line += f"\n{len(self.warnings)} conversion warning(s) (shapes skipped or clipped; see scores.json)"
         return line
 
 
@@ -219,6 +223,7 @@ def evaluate(segmenter, dataset, *, out_dir=None, progress: bool = True, class_n
     cm = ConfusionMatrix(n, ignore)
     rows: list[tuple[int, dict]] = []
     failures: list[dict] = []
+    warnings: list[tuple[int, dict]] = []
     heap: list[tuple] = []  # (-mean_iou, -index, row, thumbnail): the `worst` lowest mIoU images
     indices = range(rank, total, world)
     bar = tqdm(indices, desc="evaluate", unit="img", disable=not progress or rank != 0, dynamic_ncols=True)
@@ -227,6 +232,7 @@ def evaluate(segmenter, dataset, *, out_dir=None, progress: bool = True, class_n
         try:
             sample = dataset[i]
             name = sample.name
+            warnings.extend((i, w) for w in sample.warnings)
             label = sample.label
             if label is None:
                 raise EvaluationError(f"{dataset.source(i)}: no ground-truth mask")
@@ -262,11 +268,12 @@ def evaluate(segmenter, dataset, *, out_dir=None, progress: bool = True, class_n
 
     cm.all_reduce()
     scores = cm.compute()
-    gathered = _gather((rows, failures, [(e[2], e[3]) for e in heap]), world)
+    gathered = _gather((rows, failures, [(e[2], e[3]) for e in heap], warnings), world)
     all_rows = sorted((r for g in gathered for r in g[0]), key=lambda r: r[0])
     all_failures = sorted((f for g in gathered for f in g[1]), key=lambda f: f["index"])
     worst_rows = sorted((w for g in gathered for w in g[2]), key=lambda w: (w[0]["mean_iou"], w[0]["index"]))
     worst_rows = worst_rows[:worst]
+    all_warnings = [w for _, w in sorted((w for g in gathered for w in g[3]), key=lambda iw: iw[0])]
 
     opts = dict(options or {})
     if segmenter is not None and "model" not in opts:
@@ -275,7 +282,7 @@ def evaluate(segmenter, dataset, *, out_dir=None, progress: bool = True, class_n
     if world > 1:
         opts.setdefault("processes", world)
     result = EvaluationResult(scores=scores, class_names=tuple(names), per_image=[r for _, r in all_rows],
-                              failures=all_failures,
+                              failures=all_failures, warnings=all_warnings,
                               worst=[{**row, "thumbnail": thumb} for row, thumb in worst_rows],
                               options=opts, images=total)
     if checkpoint is None and segmenter is not None:
@@ -325,11 +332,12 @@ def write_outputs(result: EvaluationResult, out_dir, palette, *, checkpoint=None
         w["path"] = path
         worst_meta.append({"image": w["image"], "mean_iou": w["mean_iou"],
                            "pixel_accuracy": w["pixel_accuracy"], "thumbnail": str(path.relative_to(out))})
-    summary = {"images": result.images, "evaluated": len(result.per_image), "failed": len(result.failures)}
+    summary = {"images": result.images, "evaluated": len(result.per_image), "failed": len(result.failures),
+               "warnings": len(result.warnings)}
     failures = [{"image": f["image"], "file": f["file"], "reason": f["reason"]} for f in result.failures]
     paths = write_report(out, result.scores, result.class_names, palette, options=result.options,
                          checkpoint=checkpoint, per_image=result.per_image, failures=failures,
-                         extra={"summary": summary, "worst_images": worst_meta})
+                         extra={"summary": summary, "worst_images": worst_meta, "warnings": result.warnings})
     paths["failures_csv"] = out / "failures.csv"
     with open(paths["failures_csv"], "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=["image", "file", "reason"])

@@ -79,7 +79,7 @@ def test_labelme_end_to_end_and_torchrun_give_the_same_report(tmp_path, ckpt, se
     assert doc["class_names"][15] == "person" and doc["class_names"][12] == "dog"
     assert doc["checkpoint"] == {"file": "tiny.pth", "sha256": hashlib.sha256(ckpt.read_bytes()).hexdigest()}
     assert doc["options"]["model"]["test_size"] == TEST_SIZE and doc["options"]["format"] == "labelme"
-    assert doc["summary"] == {"images": 6, "evaluated": 5, "failed": 1}
+    assert doc["summary"] == {"images": 6, "evaluated": 5, "failed": 1, "warnings": 0}
     assert len(doc["failures"]) == 1 and doc["failures"][0]["file"].endswith("broken.json")
     assert "not valid JSON" in doc["failures"][0]["reason"]
 
@@ -212,3 +212,22 @@ def test_cuda_evaluation_matches_a_direct_count(tmp_path, ckpt):
     preds = [seg.predict(tmp_path / "JPEGImages" / f"{n}.jpg").label_map for n in ("a", "b")]
     matrix, _ = _hand_scores([labels["a"], labels["b"]], preds, 21)
     assert result.scores["confusion_matrix"] == matrix.tolist() and result.ok
+
+
+def test_conversion_warnings_are_kept_and_reported(tmp_path, segmenter):
+    from factories import scene_image
+    from test_datasets import labelme_json
+
+    data = labelme_folder(tmp_path / "lm", count=2)
+    # shape 1 is a two-point polygon: labelme draws nothing for it, so the file converts with a warning
+    labelme_json(data, "thin", scene_image(40, 56, seed=3),
+                 [("dog", "polygon", [(5, 5), (30, 8), (10, 30)]), ("cat", "polygon", [(1, 1), (20, 20)])])
+    result = evaluate(segmenter, open_dataset(data, "labelme", label_space="voc"), out_dir=tmp_path / "out",
+                      progress=False)
+    assert result.ok and len(result.per_image) == 3
+    assert len(result.warnings) == 1
+    warning = result.warnings[0]
+    assert warning["file"].endswith("thin.json") and warning["shape"] == 1 and "point" in warning["reason"]
+    assert "1 conversion warning" in result.summary()
+    saved = json.loads((tmp_path / "out" / "scores.json").read_text())
+    assert saved["warnings"] == [warning] and saved["summary"]["warnings"] == 1
