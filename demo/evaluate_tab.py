@@ -139,7 +139,6 @@ def build(ctx: Context) -> None:
             archive = zip_folder(out, job / "evaluation_report.zip")
             palette = space.palette
             bar_fig = segcore.class_iou_figure(result.scores, result.class_names, palette)
-            bar_fig.update_layout(margin={"t": 100})  # the axis sits on top: keep it clear of the title
             conf_fig = segcore.confusion_figure(result.scores, result.class_names)
         what = f"`{seg.name}` ({'multi-scale' if seg.scales else 'single scale'}{', CRF' if seg.crf else ''}, " \
                f"test size {seg.test_size})" if seg is not None else "stored predictions"

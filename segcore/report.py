@@ -149,9 +149,10 @@ def class_iou_figure(scores: dict, class_names: Sequence[str], palette: Any) -> 
     )
     rows = len(shown) + len(absent)
     fig.update_layout(
-        title=f"Per-class IoU (%), {len(shown)} present classes, {len(absent)} absent",
+        title=dict(text=f"Per-class IoU (%), {len(shown)} present classes, {len(absent)} absent", y=0.995,
+                   yanchor="top"),
         height=max(320, _BAR_PX * rows + 140),
-        margin=dict(l=10, r=30, t=60, b=40),
+        margin=dict(l=10, r=30, t=100, b=40),
         showlegend=False,
         bargap=0.15,
         template="plotly_white",
