@@ -392,7 +392,8 @@ def load_labelme_dataset(input: str | Path | Sequence[str | Path], label_space: 
         for res in _run(tasks, opt, None, True, workers):
             _collect(report, res, inp)
             if res.converted is not None and not res.errors:
-                res.converted.path = inp.display(res.converted.path)
+                if inp.tmp is not None:  # the extracted zip is deleted below: name the file inside the zip
+                    res.converted.path = inp.display(res.converted.path)
                 images.append(res.converted)
         return LoadedDataset(images, report)
     finally:
