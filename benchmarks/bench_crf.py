@@ -29,7 +29,7 @@ def run(quick: bool) -> dict:
     image = scene_image(h, w, seed=0)
     crf = DenseCRF()
     result = {"image": f"{w}x{h}", "iterations": crf.iter_max,
-              "note": "shared 2-core machine: other engineers' tests ran alongside"}
+              "note": "side by side in one run, medians after warm-up"}
     for n in (21, 182):
         g = torch.Generator().manual_seed(n)
         coarse = torch.randn(1, n, h // 8 + 1, w // 8 + 1, generator=g) * 3

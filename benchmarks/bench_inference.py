@@ -123,7 +123,7 @@ def run(quick: bool) -> dict:
               "cpu_bf16": cpu_bf16_supported(),
               "cpu_flags": sorted(f for f in cpu_flags() if f in ("avx512_bf16", "amx_bf16", "avx512_vnni",
                                                                   "amx_int8", "avx512f")),
-              "note": "shared 2-core machine: other engineers' tests ran alongside; ratios are side by side"}
+              "note": "ratios are side by side in one run (interleaved, medians after warm-up)"}
     plain0, default0 = _segmenters(model, (), size)
     for label, scales in (("single_scale", ()), ("multi_scale", (0.5, 0.75))):
         # with_options shares the model and the default path's fast copy between the two settings

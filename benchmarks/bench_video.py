@@ -82,7 +82,7 @@ def run(quick: bool) -> dict:
 
     full = not quick
     result = {"weights": "random (seeded) ResNet-101, 21 classes" if full else "tiny random model (quick)",
-              "note": "shared 2-core machine: other engineers' tests ran alongside"}
+              "note": "side by side in one run, medians after warm-up"}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         n = 4 if quick else 12
