@@ -26,8 +26,10 @@ from .errors import (
 from .label_spaces import (
     IGNORE_INDEX,
     LabelSpace,
+    builtin_label_space,
     colorize,
     get_label_space,
+    label_space_for_names,
     normalize_name,
     voc_colormap,
 )
@@ -43,7 +45,7 @@ __all__ = [
     "DEFAULT_MAX_FILES", "IGNORE_INDEX", "ImageLoadError", "Issue", "LabelMapping", "LabelSpace",
     "LabelSpaceError", "LabelmeFile", "LabelmeFormatError", "LoadedDataset", "MappingError",
     "OutputExistsError", "Shape", "UnknownLabelError", "UnsafeArchiveError", "VOC",
-    "apply_exif_orientation", "colorize", "convert_file", "convert_folder", "find_label_files",
-    "get_label_space", "load_labelme_dataset", "normalize_name", "rasterize", "read_labelme",
+    "apply_exif_orientation", "builtin_label_space", "colorize", "convert_file", "convert_folder", "find_label_files",
+    "get_label_space", "label_space_for_names", "load_labelme_dataset", "normalize_name", "rasterize", "read_labelme",
     "safe_extract_zip", "shape_to_mask", "voc_colormap",
 ]

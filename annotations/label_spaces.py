@@ -194,3 +194,27 @@ def get_label_space(name: str | Path | LabelSpace) -> LabelSpace:
     if path.is_file():
         return LabelSpace.from_file(path)
     raise LabelSpaceError(f"unknown label space {str(name)!r}: use 'voc', 'cocostuff' or a labels.txt path")
+
+
+def builtin_label_space(names) -> LabelSpace | None:
+    """The built-in label space (voc, cocostuff) whose class names are exactly ``names``, if any."""
+    names = tuple(str(n) for n in names)
+    for key in _BUILTIN:
+        space = get_label_space(key)
+        if space.class_names == names:
+            return space
+    return None
+
+
+def label_space_for_names(names, *, palette=None, name: str = "custom") -> LabelSpace:
+    """:func:`builtin_label_space` of ``names``, else a new space of them.
+
+    As in a labels.txt file, a first class named like ``_background_`` is the background.
+    """
+    names = tuple(str(n) for n in names)
+    space = builtin_label_space(names)
+    if space is not None:
+        return space
+    background = 0 if names and normalize_name(names[0]) in BACKGROUND_ALIASES else None
+    return LabelSpace(name, names, voc_colormap(256) if palette is None else palette, IGNORE_INDEX, background)
+

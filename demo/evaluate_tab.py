@@ -29,14 +29,7 @@ def resolve_space(choice: str | None, labels_file, seg: segcore.Segmenter | None
         return annotations.get_label_space(choice)
     if seg is None:
         return annotations.get_label_space("voc")
-    names = tuple(seg.class_names)
-    for known in ("voc", "cocostuff"):
-        space = annotations.get_label_space(known)
-        if tuple(space.class_names) == names:
-            return space
-    lowered = [n.lower() for n in names]
-    background = next((lowered.index(b) for b in ("background", "_background_") if b in lowered), None)
-    return annotations.LabelSpace(seg.name or "model", names, seg.palette, background_index=background)
+    return annotations.label_space_for_names(seg.class_names, palette=seg.palette, name=seg.name or "model")
 
 
 def scores_table(result: segcore.EvaluationResult) -> pd.DataFrame:

@@ -445,15 +445,8 @@ def _space_for_names(names):
     """The built-in label space with these class names, else one made from them."""
     import annotations
 
-    for key in ("voc", "cocostuff"):
-        space = annotations.get_label_space(key)
-        if tuple(space.class_names) == tuple(names):
-            return space
-    from annotations.label_spaces import BACKGROUND_ALIASES, normalize_name
-
-    background = 0 if normalize_name(names[0]) in BACKGROUND_ALIASES else None
     try:
-        return annotations.LabelSpace("custom", tuple(names), annotations.voc_colormap(256), 255, background)
+        return annotations.label_space_for_names(names)
     except annotations.AnnotationError as exc:
         raise DatasetError(f"class names: {exc}") from exc
 

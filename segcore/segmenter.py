@@ -276,16 +276,13 @@ def _labels_for(ckpt, label_space) -> tuple[tuple[str, ...], np.ndarray]:
     import annotations
 
     if label_space is not None:
-        space = annotations.get_label_space(label_space) if isinstance(label_space, str) else label_space
+        space = annotations.get_label_space(label_space)
     elif ckpt.meta.get("label_space") in ("voc", "cocostuff") and not ckpt.meta.get("class_names"):
         space = annotations.get_label_space(ckpt.meta["label_space"])
     elif ckpt.meta.get("class_names"):
         names = tuple(ckpt.meta["class_names"])
-        known = {n: annotations.get_label_space(n) for n in ("voc", "cocostuff")}
-        for space in known.values():
-            if tuple(space.class_names) == names:
-                break
-        else:
+        space = annotations.builtin_label_space(names)
+        if space is None:
             return names, annotations.voc_colormap(len(names))
     else:
         by_count = {21: "voc", 182: "cocostuff"}

@@ -404,3 +404,15 @@ def test_written_report_names_files_relative_to_the_input(tmp_path):
     assert "malformed.json" in files and os.path.join("sub", "broken.json") in files
     assert not any(str(tmp_path) in f for f in files)  # no local path leaks into a shared dataset
     assert len(rep.errors) == len(saved["errors"])
+
+
+def test_label_space_for_names_reuses_builtins_and_builds_custom_ones():
+    voc_names = A.get_label_space("voc").class_names
+    assert A.builtin_label_space(list(voc_names)) is A.get_label_space("voc")
+    assert A.label_space_for_names(voc_names) is A.get_label_space("voc")
+    assert A.builtin_label_space(("sky", "road")) is None
+    custom = A.label_space_for_names(["_background_", "sky", "road"], name="mine")
+    assert custom.name == "mine" and custom.background_index == 0 and custom.class_names[2] == "road"
+    assert A.label_space_for_names(["sky", "road"]).background_index is None
+    palette = np.array([[1, 2, 3], [4, 5, 6]], np.uint8)
+    assert (A.label_space_for_names(["sky", "road"], palette=palette).palette[:2] == palette).all()
