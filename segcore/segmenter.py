@@ -55,8 +55,7 @@ class Prediction:
             raise ValueError("no image to overlay on: pass image=")
         if not 0.0 <= opacity <= 1.0:
             raise ValueError(f"opacity must be in [0, 1], got {opacity}")
-        blend = base.astype(np.float32) * (1 - opacity) + self.colorize().astype(np.float32) * opacity
-        return np.clip(np.rint(blend), 0, 255).astype(np.uint8)
+        return blend_overlay(base, self.label_map, self.palette, opacity)
 
     def to_pil(self) -> Image.Image:
         """A palette ("P" mode) PNG-ready image: index = class id, colours from the label set."""
@@ -66,6 +65,12 @@ class Prediction:
         path = Path(path)
         self.to_pil().save(path)
         return path
+
+
+def blend_overlay(image: np.ndarray, label_map: np.ndarray, palette: np.ndarray, opacity: float) -> np.ndarray:
+    """The label colours blended over ``image``: ``opacity`` 0 gives the image, 1 the colours."""
+    blend = image.astype(np.float32) * (1 - opacity) + palette[label_map].astype(np.float32) * opacity
+    return np.clip(np.rint(blend), 0, 255).astype(np.uint8)
 
 
 def palette_image(label_map: np.ndarray, palette: np.ndarray) -> Image.Image:
@@ -225,25 +230,36 @@ class Segmenter:
         return out.float()
 
     @torch.inference_mode()
-    def postprocess(self, logits: torch.Tensor, original: np.ndarray, resized: np.ndarray,
-                    return_probs: bool = False) -> Prediction:
-        """One image's logits (CxH8xW8) → :class:`Prediction` at the original size."""
+    def processing_scores(self, logits: torch.Tensor, resized: np.ndarray, *, probabilities: bool = False):
+        """One image's logits (CxH8xW8) → ``(scores, probs)`` at the processing size.
+
+        ``scores`` are what the labels come from: the upsampled logits, or the CRF's probabilities when
+        CRF is on. ``probs`` (softmax, refined by the CRF when on) is None unless asked for or CRF is on.
+        """
         h, w = resized.shape[:2]
         scores = F.interpolate(logits[None], size=(h, w), mode="bilinear", align_corners=False)[0]
         probs = None
-        if self.crf or return_probs:
+        if self.crf or probabilities:
             probs = F.softmax(scores, dim=0)
         if self.crf:
             probs = torch.from_numpy(self.crf_params(resized, probs.cpu().numpy())).to(scores.device)
             scores = probs
-        if original.shape[:2] == (h, w):
-            labels = scores.argmax(0)
-        else:
-            labels = upsample_argmax(scores, original.shape[:2])
+        return scores, probs
+
+    @torch.inference_mode()
+    def labels_from_scores(self, scores: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+        """Label map at ``size`` (the original image's) from processing-size scores."""
+        labels = scores.argmax(0) if tuple(scores.shape[-2:]) == tuple(size) else upsample_argmax(scores, size)
         dtype = np.uint8 if self.n_classes <= 256 else np.int32
-        return Prediction(labels.cpu().numpy().astype(dtype), self.class_names, self.palette, image=original,
-                          probabilities=None if probs is None or not return_probs else probs.cpu().numpy(),
-                          processing_size=(h, w))
+        return labels.cpu().numpy().astype(dtype)
+
+    def postprocess(self, logits: torch.Tensor, original: np.ndarray, resized: np.ndarray,
+                    return_probs: bool = False) -> Prediction:
+        """One image's logits (CxH8xW8) → :class:`Prediction` at the original size."""
+        scores, probs = self.processing_scores(logits, resized, probabilities=return_probs)
+        return Prediction(self.labels_from_scores(scores, original.shape[:2]), self.class_names, self.palette,
+                          image=original, probabilities=probs.cpu().numpy() if return_probs else None,
+                          processing_size=resized.shape[:2])
 
     # -- public entry points ---------------------------------------------------------------------
 

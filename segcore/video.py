@@ -27,11 +27,10 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .errors import SegcoreError
 from .image import resize_long_side
-from .segmenter import upsample_argmax
+from .segmenter import blend_overlay
 
 # audio codecs an MP4/MOV file can carry as they are; anything else is re-encoded to AAC there
 _MP4_AUDIO = {"aac", "mp3", "alac", "ac3", "eac3", "opus", "flac"}
@@ -119,14 +118,6 @@ def _check_limits(info: dict, src: Path, max_seconds, max_frames, max_pixels) ->
         raise VideoError(f"{src}: {info['frames']} frames, over the limit of {max_frames}")
 
 
-def _overlay(rgb: np.ndarray, labels: np.ndarray, palette: np.ndarray, opacity: float) -> np.ndarray:
-    """Same blend as :meth:`Prediction.overlay`, on one frame."""
-    if opacity == 0:
-        return rgb
-    blend = rgb.astype(np.float32) * (1 - opacity) + palette[labels].astype(np.float32) * opacity
-    return np.clip(np.rint(blend), 0, 255).astype(np.uint8)
-
-
 class _Labeller:
     """Frames → label maps via the Segmenter's own steps, with optional EMA smoothing of probabilities."""
 
@@ -154,19 +145,9 @@ class _Labeller:
 
     @torch.inference_mode()
     def _smoothed(self, logits: torch.Tensor, rgb: np.ndarray, small: np.ndarray) -> np.ndarray:
-        seg = self.seg
-        h, w = small.shape[:2]
-        probs = F.softmax(F.interpolate(logits[None], size=(h, w), mode="bilinear", align_corners=False)[0], 0)
-        if seg.crf:
-            probs = torch.from_numpy(seg.crf_params(small, probs.cpu().numpy())).to(probs.device)
-        if self.state is None:
-            self.state = probs
-        else:
-            self.state = self.smoothing * self.state + (1 - self.smoothing) * probs
-        scores = self.state
-        labels = scores.argmax(0) if rgb.shape[:2] == (h, w) else upsample_argmax(scores, rgb.shape[:2])
-        dtype = np.uint8 if seg.n_classes <= 256 else np.int32
-        return labels.cpu().numpy().astype(dtype)
+        _, probs = self.seg.processing_scores(logits, small, probabilities=True)
+        self.state = probs if self.state is None else self.smoothing * self.state + (1 - self.smoothing) * probs
+        return self.seg.labels_from_scores(self.state, rgb.shape[:2])
 
 
 def segment_video(segmenter, src, dst, *, opacity: float = 0.5, frame_stride: int = 1, smoothing: float = 0.0,
@@ -243,7 +224,8 @@ def segment_video(segmenter, src, dst, *, opacity: float = 0.5, frame_stride: in
             labels = labeller(keys) if keys else []
             for item in pending:
                 lab = labels[item.key] if item.key >= 0 else key_labels
-                frame = av.VideoFrame.from_ndarray(_overlay(item.rgb, lab, palette, opacity), format="rgb24")
+                shown = item.rgb if opacity == 0 else blend_overlay(item.rgb, lab, palette, opacity)
+                frame = av.VideoFrame.from_ndarray(shown, format="rgb24")
                 frame.pts = item.pts
                 frame.time_base = time_base
                 for packet in vout.encode(frame):
