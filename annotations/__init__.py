@@ -10,6 +10,7 @@ from .convert import (
     LoadedDataset,
     convert_file,
     convert_folder,
+    dataset_names,
     find_label_files,
     load_labelme_dataset,
 )
@@ -45,7 +46,8 @@ __all__ = [
     "DEFAULT_MAX_FILES", "IGNORE_INDEX", "ImageLoadError", "Issue", "LabelMapping", "LabelSpace",
     "LabelSpaceError", "LabelmeFile", "LabelmeFormatError", "LoadedDataset", "MappingError",
     "OutputExistsError", "Shape", "UnknownLabelError", "UnsafeArchiveError", "VOC",
-    "apply_exif_orientation", "builtin_label_space", "colorize", "convert_file", "convert_folder", "find_label_files",
-    "get_label_space", "label_space_for_names", "load_labelme_dataset", "normalize_name", "rasterize", "read_labelme",
-    "safe_extract_zip", "shape_to_mask", "voc_colormap",
+    "apply_exif_orientation", "builtin_label_space", "colorize", "convert_file", "convert_folder",
+    "dataset_names", "find_label_files", "get_label_space", "label_space_for_names",
+    "load_labelme_dataset", "normalize_name", "rasterize", "read_labelme", "safe_extract_zip",
+    "shape_to_mask", "voc_colormap",
 ]

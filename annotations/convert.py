@@ -247,7 +247,8 @@ def find_label_files(input: str | Path | Sequence[str | Path]) -> tuple[list[Pat
     return files, root
 
 
-def _dataset_names(files: Sequence[Path], root: Path | None) -> list[str]:
+def dataset_names(files: Sequence[Path], root: Path | None) -> list[str]:
+    """Dataset ids of labelme files: the path below ``root`` without suffix, folders joined by ``__``, unique."""
     names = []
     for f in files:
         try:
@@ -279,7 +280,7 @@ class _Input:
                 raise
             input = Path(self.tmp) / "x"
         self.files, self.root = find_label_files(input)
-        self.names = _dataset_names(self.files, self.root)
+        self.names = dataset_names(self.files, self.root)
 
     def close(self) -> None:
         if self.tmp is not None:

@@ -489,21 +489,6 @@ def _open_cocostuff164k(path: Path, split: str | None, space) -> SegmentationDat
     return CocoStuff164kDataset(path.name, path, items, space.class_names, split=split, label_space=space)
 
 
-def _labelme_names(files: list[Path], root: Path) -> list[str]:
-    # The same ids the annotations converter gives (sub-folders joined with "__"), made unique.
-    names, seen = [], {}
-    for f in files:
-        try:
-            rel = f.relative_to(root)
-        except ValueError:
-            rel = Path(f.name)
-        n = "__".join(rel.with_suffix("").parts)
-        k = seen.get(n, 0)
-        seen[n] = k + 1
-        names.append(n if k == 0 else f"{n}__{k + 1}")
-    return names
-
-
 def _open_labelme(path: Path, space, mapping, unknown: str) -> SegmentationDataset:
     import annotations
 
@@ -535,7 +520,8 @@ def _open_labelme(path: Path, space, mapping, unknown: str) -> SegmentationDatas
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    items = [_Item(n, None, f) for n, f in zip(_labelme_names(files, folder), files)]
+    # the converter's ids (sub-folders joined by "__"), counted from the folder the user gave
+    items = [_Item(n, None, f) for n, f in zip(annotations.dataset_names(files, folder), files)]
     return LabelmeDataset(path.stem if tmp else path.name, path, items, space.class_names, label_space=space,
                           mapping=mapping, unknown=unknown, tmp=tmp, display_root=str(path))
 
