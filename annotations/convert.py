@@ -143,14 +143,7 @@ class _Result:
 def _make_options(label_space: str | Path | LabelSpace, mapping: Any, unknown: str, unlabeled: str,
                   instances: bool) -> _Options:
     space = get_label_space(label_space)
-    if isinstance(mapping, LabelMapping):
-        m = mapping
-    elif mapping is None:
-        m = LabelMapping()
-    elif isinstance(mapping, dict):
-        m = LabelMapping.from_dict(mapping)
-    else:
-        m = LabelMapping.from_file(mapping)
+    m = LabelMapping.coerce(mapping)
     m.validate(space)
     if unknown not in UNKNOWN_POLICIES:
         raise ValueError(f"unknown must be one of {UNKNOWN_POLICIES}, got {unknown!r}")

@@ -59,6 +59,17 @@ class LabelMapping:
         return cls(names={str(k): v for k, v in names.items()}, rules=rules, strip_instance_suffix=strip)
 
     @classmethod
+    def coerce(cls, mapping: Any) -> LabelMapping:
+        """A mapping from what callers pass: a LabelMapping, None (no mapping), a dict or a file path."""
+        if isinstance(mapping, LabelMapping):
+            return mapping
+        if mapping is None:
+            return cls()
+        if isinstance(mapping, dict):
+            return cls.from_dict(mapping)
+        return cls.from_file(mapping)
+
+    @classmethod
     def from_file(cls, path: str | Path) -> LabelMapping:
         """Read a YAML (``.yaml``/``.yml``, needs PyYAML) or JSON mapping file."""
         path = Path(path)

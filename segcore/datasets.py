@@ -493,10 +493,9 @@ def _open_labelme(path: Path, space, mapping, unknown: str) -> SegmentationDatas
     import annotations
 
     space = space or _space("voc")
-    if mapping is not None and not isinstance(mapping, annotations.LabelMapping):
+    if mapping is not None:
         try:
-            mapping = annotations.LabelMapping.from_dict(mapping) if isinstance(mapping, dict) \
-                else annotations.LabelMapping.from_file(mapping)
+            mapping = annotations.LabelMapping.coerce(mapping)
             mapping.validate(space)
         except annotations.AnnotationError as exc:
             raise DatasetError(str(exc)) from exc
