@@ -21,7 +21,8 @@ from PIL import Image
 
 from .errors import SegcoreError
 
-__all__ = ["FORMATS", "DatasetError", "Sample", "SegmentationDataset", "detect_format", "open_dataset",
+__all__ = ["FORMATS", "DatasetError", "Sample", "SegmentationDataset", "detect_format", "invalid_label_values",
+           "open_dataset",
            "read_label"]
 
 IGNORE_INDEX = 255
@@ -58,6 +59,12 @@ LAYOUTS = {
 
 class DatasetError(SegcoreError):
     """A dataset folder or one of its files cannot be used; the message names the path."""
+
+
+def invalid_label_values(label: np.ndarray, n_classes: int, ignore_index: int = 255) -> np.ndarray:
+    """Distinct values of a uint8 label map outside ``[0, n_classes)`` other than ``ignore_index``."""
+    present = np.flatnonzero(np.bincount(label.ravel(), minlength=256))
+    return present[(present >= n_classes) & (present != ignore_index)]
 
 
 def _layout_error(path, problem: str, fmt: str | None = None) -> DatasetError:

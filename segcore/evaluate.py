@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from .datasets import invalid_label_values
 from .errors import SegcoreError
 from .metrics import ConfusionMatrix, compute_scores, to_json_dict
 
@@ -156,12 +157,6 @@ def _strip(image, label, pred, palette: np.ndarray, side: int) -> np.ndarray:
     return np.concatenate(padded, 1)
 
 
-def _bad_labels(label: np.ndarray, n_classes: int, ignore_index: int) -> np.ndarray:
-    counts = np.bincount(label.ravel(), minlength=256)
-    bad = np.flatnonzero(counts)
-    return bad[(bad >= n_classes) & (bad != ignore_index)]
-
-
 def _safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name)[:80] or "image"
 
@@ -236,7 +231,7 @@ def evaluate(segmenter, dataset, *, out_dir=None, progress: bool = True, class_n
             label = sample.label
             if label is None:
                 raise EvaluationError(f"{dataset.source(i)}: no ground-truth mask")
-            bad = _bad_labels(label, n, ignore)
+            bad = invalid_label_values(label, n, ignore)
             if bad.size:
                 shown = ", ".join(str(int(v)) for v in bad[:10])
                 raise EvaluationError(f"{dataset.source(i)}: label values {shown} are outside [0, {n}) and "

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from annotations import voc_colormap
+from segcore.datasets import invalid_label_values
 
 from .augmentation import IGNORE_INDEX, augment
 from .errors import TrainError
@@ -106,12 +107,12 @@ def source_of(dataset, index: int, default: str) -> str:
 
 def check_label(label: np.ndarray, n_classes: int, name: str) -> None:
     """Raise :class:`TrainError` naming the file when a label holds values outside [0, n) other than 255."""
-    bad = (label >= n_classes) & (label != IGNORE_INDEX)
-    if bad.any():
-        values = np.unique(label[bad])
+    values = invalid_label_values(label, n_classes, IGNORE_INDEX)
+    if values.size:
         shown = ", ".join(str(int(v)) for v in values[:10]) + (" ..." if len(values) > 10 else "")
         raise TrainError(f"{name}: label values {shown} are outside the {n_classes} classes "
-                         f"[0, {n_classes}) and are not {IGNORE_INDEX} (ignore); {int(bad.sum())} pixel(s). "
+                         f"[0, {n_classes}) and are not {IGNORE_INDEX} (ignore); "
+                         f"{int(np.isin(label, values).sum())} pixel(s). "
                          "Fix the mask, map the values (data.mapping) or set model.n_classes.")
 
 
