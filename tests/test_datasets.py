@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import zipfile
 
 import numpy as np
@@ -44,16 +43,13 @@ def random_label(h, w, n, seed=0, ignore=True):
 
 
 def labelme_json(folder, stem, image, shapes):
-    """A labelme file plus its PNG beside it (imagePath), as labelme 5 writes it."""
-    folder.mkdir(parents=True, exist_ok=True)
-    save_image(folder / f"{stem}.png", image)
-    doc = {"version": "5.4.1", "flags": {}, "imagePath": f"{stem}.png", "imageData": None,
-           "imageHeight": int(image.shape[0]), "imageWidth": int(image.shape[1]),
-           "shapes": [{"label": label, "points": [[float(x), float(y)] for x, y in pts], "group_id": None,
-                       "shape_type": kind, "flags": {}, "description": ""} for label, kind, pts in shapes]}
-    path = folder / f"{stem}.json"
-    path.write_text(json.dumps(doc))
-    return path
+    """A labelme file plus its PNG beside it (imagePath); ``shapes`` are (label, shape_type, points)."""
+    from labelme_fixtures import write_labelme
+
+    return write_labelme(folder / f"{stem}.json",
+                         [{"label": label, "points": [[float(x), float(y)] for x, y in pts], "group_id": None,
+                           "shape_type": kind, "flags": {}, "description": ""} for label, kind, pts in shapes],
+                         image, embed=False)
 
 
 def labelme_folder(folder, count=4, h=40, w=56):
