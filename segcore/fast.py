@@ -1,4 +1,4 @@
-"""Accelerated inference paths (issue 8): BatchNorm folding, bf16/fp16, channels-last, thread count.
+"""Accelerated inference paths (issue 8): BatchNorm folding, bf16/fp16, channels-last, fused kernels.
 
 The fp32 path of :class:`~segcore.segmenter.Segmenter` keeps the original model untouched so its numerics
 stay exactly the reference's. Every accelerated path works on a *private copy* built here:
@@ -6,9 +6,10 @@ stay exactly the reference's. Every accelerated path works on a *private copy* b
 * BatchNorm folded into the preceding convolution (``fuse_conv_bn_eval``: w' = w·γ/σ, b' = β − μ·γ/σ),
   which removes one memory pass per conv;
 * channels-last (NHWC) tensors, the layout oneDNN and cuDNN run fastest;
-* **CPU**: the backbone's weights stored in bfloat16 when the CPU has native bf16 dot products
-  (AVX512-BF16 or AMX), so oneDNN runs its bf16 kernels (fp32 accumulation inside each conv); the ASPP
-  classifier and everything after it stay fp32, which keeps the class scores' last sums in full precision;
+* **CPU**: the ResNet's weights in bfloat16 when the CPU has native bf16 dot products (AVX512-BF16 or
+  AMX), run as oneDNN convolutions with the ReLU and the residual add fused in (fp32 accumulation inside
+  each conv); the ASPP classifier and everything after it stay fp32, which keeps the class scores' last
+  sums in full precision, with its filters padded to a channel count oneDNN runs well;
 * **CUDA**: autocast to bf16 (fp16 where the GPU lacks bf16) with ``cudnn.benchmark``.
 
 The thread count is set once to the number of physical cores (hyper-threads share the vector units
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .model import ConvBnReLU, msc_forward
@@ -109,18 +111,130 @@ def fold_batchnorm(module: nn.Module) -> nn.Module:
     return folded
 
 
-class _MixedBackbone(nn.Module):
-    """DeepLabV2 with the ResNet in a low-precision dtype and the ASPP classifier in fp32."""
+@functools.lru_cache(maxsize=1)
+def fused_conv_supported() -> bool:
+    """True when oneDNN's fused convolutions (conv+ReLU, conv+add+ReLU in place) run and give conv's answer.
 
-    def __init__(self, base: nn.Module, dtype: torch.dtype):
-        super().__init__()
+    They are PyTorch's private ops behind ``torch.compile``'s CPU backend; one tiny call each checks them
+    against ``F.conv2d`` so a build without them (or with a changed signature) falls back to plain ops.
+    """
+    try:
+        ops = torch.ops.mkldnn
+        x = torch.arange(2 * 8 * 5 * 5, dtype=torch.float32).reshape(2, 8, 5, 5).sin()
+        x = x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        w = torch.linspace(-1, 1, 4 * 8 * 9).reshape(4, 8, 3, 3).to(torch.bfloat16)
+        b = torch.linspace(-0.5, 0.5, 4).to(torch.bfloat16)
+        ref = F.conv2d(x.float(), w.float(), b.float(), 1, 2, 2)
+        got = ops._convolution_pointwise(x, w, b, [2, 2], [1, 1], [2, 2], 1, "relu", [None], "")
+        other = torch.ones_like(got)
+        summed = ops._convolution_pointwise_.binary(other, x, w, b, [2, 2], [1, 1], [2, 2], 1, "add", None,
+                                                    "relu", [None], "")
+        tol = dict(rtol=0.02, atol=0.05)
+        return (summed.data_ptr() == other.data_ptr()
+                and torch.allclose(got.float(), ref.relu(), **tol)
+                and torch.allclose(summed.float(), (ref + 1).relu(), **tol))
+    except (AttributeError, RuntimeError):
+        return False
+
+
+class _PackedConv:
+    """One BN-folded convolution's weights in the kernel's dtype and layout, with its geometry."""
+
+    def __init__(self, conv: nn.Conv2d, dtype: torch.dtype, fused: bool):
+        self.weight = conv.weight.detach().to(dtype).contiguous(memory_format=torch.channels_last)
+        self.bias = conv.bias.detach().to(dtype)
+        self.geometry = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
+        self.fused = fused
+
+    def __call__(self, x: torch.Tensor, relu: bool) -> torch.Tensor:
+        padding, stride, dilation, groups = self.geometry
+        if self.fused:
+            return torch.ops.mkldnn._convolution_pointwise(x, self.weight, self.bias, padding, stride, dilation,
+                                                           groups, "relu" if relu else "none", [None], "")
+        y = F.conv2d(x, self.weight, self.bias, stride, padding, dilation, groups)
+        return y.relu_() if relu else y
+
+    def add_relu_(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """``relu(conv(x) + residual)`` written into ``residual`` (one pass, no new buffer when fused)."""
+        padding, stride, dilation, groups = self.geometry
+        if self.fused:
+            return torch.ops.mkldnn._convolution_pointwise_.binary(
+                residual, x, self.weight, self.bias, padding, stride, dilation, groups, "add", None, "relu",
+                [None], "")
+        return residual.add_(F.conv2d(x, self.weight, self.bias, stride, padding, dilation, groups)).relu_()
+
+
+class _FusedResNet:
+    """The DeepLab-v2 ResNet run as fused oneDNN convolutions in a low-precision dtype.
+
+    Every Bottleneck becomes conv+ReLU, conv+ReLU and one conv+add+ReLU that writes into the shortcut's
+    buffer: no separate ReLU or add passes and no fresh output buffer for the residual sum, which on
+    small machines costs as much as the arithmetic it saves (each new buffer is page-faulted in).
+    """
+
+    def __init__(self, folded: nn.Module, dtype: torch.dtype):
+        fused = fused_conv_supported()
         self.dtype = dtype
-        self.resnet = nn.Sequential(*[m for name, m in base.named_children() if name != "aspp"]).to(dtype)
-        self.aspp = base.aspp.float()
+        layers = [m for name, m in folded.named_children() if name != "aspp"]
+        stem, res_layers = layers[0], layers[1:]
+        self.stem = _PackedConv(stem.conv1.conv, dtype, fused)
+        self.pool = stem.pool
+        self.blocks = [
+            (_PackedConv(block.reduce.conv, dtype, fused), _PackedConv(block.conv3x3.conv, dtype, fused),
+             _PackedConv(block.increase.conv, dtype, fused),
+             _PackedConv(block.shortcut.conv, dtype, fused) if isinstance(block.shortcut, ConvBnReLU) else None)
+            for layer in res_layers for block in layer.children()
+        ]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.pool(self.stem(x.to(dtype=self.dtype, memory_format=torch.channels_last), relu=True))
+        for reduce, conv3x3, increase, shortcut in self.blocks:
+            # the block's input is ours (made by the step before), so the identity shortcut may take the sum
+            residual = shortcut(h, relu=False) if shortcut is not None else h
+            h = increase.add_relu_(conv3x3(reduce(h, relu=True), relu=True), residual)
+        return h
+
+
+class _PaddedASPP:
+    """The ASPP classifier in fp32 with its output channels padded with zero filters to a multiple of 16.
+
+    oneDNN's convolutions are several times slower for an odd channel count such as VOC's 21 than for 32;
+    the padded filters add exact zeros and are sliced off, so the scores are the ASPP's own.
+    """
+
+    MULTIPLE = 16
+
+    def __init__(self, aspp: nn.Module):
+        convs = list(aspp.children())
+        self.n_classes = convs[0].out_channels
+        padded = -(-self.n_classes // self.MULTIPLE) * self.MULTIPLE
+        self.branches = []
+        for conv in convs:
+            weight = conv.weight.new_zeros((padded, *conv.weight.shape[1:]))
+            weight[: self.n_classes] = conv.weight.detach()
+            bias = conv.bias.new_zeros(padded)
+            bias[: self.n_classes] = conv.bias.detach()
+            self.branches.append((weight.contiguous(memory_format=torch.channels_last), bias, conv.padding,
+                                  conv.dilation))
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        out = None
+        for weight, bias, padding, dilation in self.branches:
+            y = F.conv2d(h, weight, bias, 1, padding, dilation)
+            out = y if out is None else out.add_(y)
+        return out[:, : self.n_classes]
+
+
+class _CpuModel(nn.Module):
+    """DeepLabV2 for the CPU fast path: fused low-precision ResNet, fp32 ASPP (the class scores' sums)."""
+
+    def __init__(self, folded: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.resnet = _FusedResNet(folded, dtype)
+        self.aspp = _PaddedASPP(folded.aspp)
 
     def forward(self, x):
-        h = self.resnet(x.to(dtype=self.dtype, memory_format=torch.channels_last))
-        return self.aspp(h.float())
+        return self.aspp(self.resnet(x).float())
 
 
 class FastPath:
@@ -136,7 +250,7 @@ class FastPath:
         if self.device.type == "cpu":
             configure_threads()
             self.autocast = False
-            self.model = _MixedBackbone(folded, self.dtype) if self.dtype != torch.float32 else folded
+            self.model = _CpuModel(folded, self.dtype) if self.dtype != torch.float32 else folded
         else:
             if self.device.type == "cuda":
                 torch.backends.cudnn.benchmark = True

@@ -8,7 +8,8 @@ from factories import TINY_BLOCKS, TINY_WIDTH, randomize_, scene_image, tiny_mod
 
 import annotations
 from segcore import Segmenter, build_model, msc_forward
-from segcore.fast import FastPath, cpu_bf16_supported, fold_batchnorm, physical_cores, uses_fast_path
+from segcore.fast import (FastPath, cpu_bf16_supported, fold_batchnorm, fused_conv_supported, physical_cores,
+                          uses_fast_path)
 from segcore.segmenter import resolve_precision
 
 VOC = annotations.get_label_space("voc")
@@ -54,8 +55,13 @@ def test_fp32_path_keeps_the_original_model_and_numerics():
     assert torch.equal(seg.logits(x), expected)
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-kernels", "plain-kernels"])
 @pytest.mark.parametrize("scales", [(), (0.5, 0.75)])
-def test_cpu_bf16_path_agrees_with_fp32(scales):
+def test_cpu_bf16_path_agrees_with_fp32(scales, fused, monkeypatch):
+    import segcore.fast
+
+    if not fused:  # the path a PyTorch build without oneDNN's fused convolutions takes
+        monkeypatch.setattr(segcore.fast, "fused_conv_supported", lambda: False)
     model = tiny_model(21, seed=4)
     fp32 = _segmenter(model, "fp32", scales=scales, test_size=129)
     fast = _segmenter(model, "bf16", scales=scales, test_size=129, batch_size=3)
@@ -68,6 +74,47 @@ def test_cpu_bf16_path_agrees_with_fp32(scales):
     # the fast path works on a copy: the shared model still has its BatchNorms and fp32 weights
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_fused_kernels_are_available_where_onednn_is():
+    # a silent fallback to plain kernels would cost a third of the CPU speed-up, so CI notices it here
+    import platform
+
+    if platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available():
+        assert fused_conv_supported()
+
+
+def test_fused_and_plain_kernels_compute_the_same_resnet(monkeypatch):
+    import segcore.fast
+
+    model = randomize_(build_model(21, n_blocks=TINY_BLOCKS, width=TINY_WIDTH), seed=8).eval()
+    x = torch.randn(2, 3, 65, 49) * 60
+    x_before = x.clone()
+    fused = FastPath(model.base, torch.device("cpu"), "bf16")
+    monkeypatch.setattr(segcore.fast, "fused_conv_supported", lambda: False)
+    plain = FastPath(model.base, torch.device("cpu"), "bf16")
+    with torch.inference_mode():
+        a, b, ref = fused(x, ()), plain(x, ()), model.base(x)
+    assert torch.equal(x, x_before)  # in-place sums only ever touch the path's own buffers
+    assert a.shape == b.shape == ref.shape and a.dtype == torch.float32
+    scale = ref.abs().max().item()
+    # both round to bf16 at each layer, in slightly different places: they differ by bf16 noise only
+    torch.testing.assert_close(a, b, rtol=0, atol=0.05 * scale)
+    torch.testing.assert_close(a, ref, rtol=0, atol=0.1 * scale)
+
+
+@pytest.mark.parametrize("n_classes", [21, 182, 32])
+def test_padded_aspp_gives_the_aspp_scores(n_classes):
+    from segcore.fast import _PaddedASPP
+
+    aspp = build_model(n_classes, n_blocks=TINY_BLOCKS, width=TINY_WIDTH).base.aspp.eval()
+    for conv in aspp.children():
+        torch.nn.init.normal_(conv.bias)
+    h = torch.relu(torch.randn(2, aspp.c0.in_channels, 33, 27)).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        got, ref = _PaddedASPP(aspp)(h), aspp(h)
+    assert got.shape == ref.shape == (2, n_classes, 33, 27)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_fast_path_is_shared_by_with_options():
