@@ -55,6 +55,13 @@ def test_upsample_argmax_equals_interpolate_in_bands():
     assert (got == expected).float().mean() >= 0.999
 
 
+def test_upsample_argmax_breaks_ties_towards_the_first_class():
+    scores = torch.zeros(5, 4, 6)
+    scores[2:, :, 3:] = 1.0  # classes 2, 3 and 4 tie on the right half; 0..4 all tie on the left
+    got = upsample_argmax(scores, (8, 12))
+    assert (got[:, :5] == 0).all() and (got[:, 5:] == 2).all()
+
+
 def test_output_is_at_the_original_size_and_consistent(ckpt):
     rgb = scene_image(200, 300, seed=2)
     seg = Segmenter.from_pretrained(str(ckpt), test_size=97, device="cpu", precision="fp32")
