@@ -145,12 +145,6 @@ class _PackedConv:
         self.bias = conv.bias.detach().to(dtype)
         self.geometry = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
         self.fused = fused
-        if fused:  # reorder the filters into oneDNN's blocked layout once instead of on every call (~3%)
-            try:
-                self.weight = torch._C._nn.mkldnn_reorder_conv2d_weight(
-                    self.weight.to_mkldnn(), *self.geometry, [1, conv.in_channels, 65, 65])
-            except (AttributeError, RuntimeError):
-                pass
 
     def __call__(self, x: torch.Tensor, relu: bool) -> torch.Tensor:
         padding, stride, dilation, groups = self.geometry

@@ -107,6 +107,11 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "fp32"
 
 
+def class_argmax(scores: torch.Tensor) -> torch.Tensor:
+    """``scores.argmax(0)`` for CxHxW scores (first maximum on ties), 4x faster than argmax's strided loop."""
+    return scores.max(0).indices
+
+
 def upsample_argmax(scores: torch.Tensor, size: tuple[int, int],
                     budget_bytes: int = _UPSAMPLE_BUDGET_BYTES) -> torch.Tensor:
     """Bilinear resize of CxHxW ``scores`` to ``size`` (align_corners=False), then argmax over classes.
@@ -124,8 +129,7 @@ def upsample_argmax(scores: torch.Tensor, size: tuple[int, int],
         ys = (2 * torch.arange(top, min(top + rows, out_h), device=scores.device, dtype=torch.float32) + 1) / out_h - 1
         grid = torch.stack(torch.meshgrid(ys, xs, indexing="ij")[::-1], dim=-1)[None]
         band = F.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=False)
-        # max(0).indices is argmax(0) (first maximum on ties) computed 4x faster for a CxHxW layout
-        labels[top:top + len(ys)] = band[0].max(0).indices
+        labels[top:top + len(ys)] = class_argmax(band[0])
     return labels
 
 
@@ -250,7 +254,7 @@ class Segmenter:
     @torch.inference_mode()
     def labels_from_scores(self, scores: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
         """Label map at ``size`` (the original image's) from processing-size scores."""
-        labels = scores.argmax(0) if tuple(scores.shape[-2:]) == tuple(size) else upsample_argmax(scores, size)
+        labels = class_argmax(scores) if tuple(scores.shape[-2:]) == tuple(size) else upsample_argmax(scores, size)
         dtype = np.uint8 if self.n_classes <= 256 else np.int32
         return labels.cpu().numpy().astype(dtype)
 

@@ -11,7 +11,7 @@ from reference_deeplab import DenseCRF as RefCRF
 from reference_deeplab import reference_inference, reference_model, reference_preprocessing
 
 from segcore import ImageError, Segmenter, build_model, load_image, resize_long_side
-from segcore.segmenter import upsample_argmax
+from segcore.segmenter import class_argmax, upsample_argmax
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +60,8 @@ def test_upsample_argmax_breaks_ties_towards_the_first_class():
     scores[2:, :, 3:] = 1.0  # classes 2, 3 and 4 tie on the right half; 0..4 all tie on the left
     got = upsample_argmax(scores, (8, 12))
     assert (got[:, :5] == 0).all() and (got[:, 5:] == 2).all()
+    scores[3, 1, 1] = float("nan")  # argmax's NaN rule too: a NaN counts as the maximum
+    assert torch.equal(class_argmax(scores), scores.argmax(0)) and class_argmax(scores)[1, 1] == 3
 
 
 def test_output_is_at_the_original_size_and_consistent(ckpt):

@@ -1,0 +1,37 @@
+"""The benchmark suite runs end to end (``--quick``, as CI does) and writes what the README table needs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_quick_suite_writes_every_result(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--out", str(tmp_path)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    names = sorted(p.stem[len("bench_"):] for p in (ROOT / "benchmarks").glob("bench_*.py"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{n}_quick.json" for n in names]
+    records = {n: json.loads((tmp_path / f"{n}_quick.json").read_text()) for n in names}
+    for record in records.values():
+        assert record["quick"] is True and record["machine"]["cpu_count"] >= 1 and record["result"]
+    inference = records["inference"]["result"]
+    for setting in ("single_scale", "multi_scale"):
+        figures = inference[setting]
+        assert figures["speedup"] > 0 and 0.9 <= figures["agreement_min"] <= 1.0
+    video = records["video"]["result"]
+    assert 0 <= video["throughput"]["outside_model_share"] < 1
+    assert video["memory"]["long_frames"] > video["memory"]["short_frames"]
+
+
+def test_int8_agreement_script_reports_both_recipes():
+    run = subprocess.run([sys.executable, "-m", "benchmarks.int8_agreement", "--size", "97"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout)
+    for key in ("aspp_fp32", "aspp_int8"):
+        assert 0 < result[key]["agreement_min"] <= result[key]["agreement_mean"] <= 1
