@@ -3,9 +3,10 @@
 Both run the same random-weight DeepLab-v2 ResNet-101 (no trained checkpoint is available here; random
 weights are *more* rounding-sensitive than trained ones, so the agreement is a pessimistic figure)
 through ``Segmenter.predict`` end to end (resize, model, upsampling, argmax), single-scale and with the
-default multi-scale inputs (1.0, 0.5, 0.75). The two paths alternate rep by rep on the same images, and
-the figures are medians after a warm-up, so load from other processes hits both alike. Agreement is the
-share of pixels whose label equals the fp32 path's. On a CUDA machine the GPU fp32 vs bf16 batch-8
+default multi-scale inputs (1.0, 0.5, 0.75). A third path, ``fp32-fused`` (what ``auto`` picks on CPUs
+without bf16), is measured alongside. The paths alternate rep by rep on the same images, and the figures
+are medians after a warm-up, so load from other processes hits them alike. Agreement is the share of
+pixels whose label equals the fp32 path's. On a CUDA machine the GPU fp32 vs bf16 batch-8
 throughput is measured too; elsewhere it is reported as not measured.
 """
 
@@ -43,40 +44,50 @@ def _model(n_classes=21, seed=0):
 
 
 def _segmenters(model, scales, size, device="cpu"):
+    """plain fp32 eager, the default (``auto``) path, and ``fp32-fused`` (what ``auto`` gives without bf16)."""
     import annotations
 
     from segcore import Segmenter
 
     voc = annotations.get_label_space("voc")
-    plain = Segmenter(model, voc.class_names, voc.palette, scales=scales, test_size=size, device=device,
-                      precision="fp32")
-    default = Segmenter(model, voc.class_names, voc.palette, scales=scales, test_size=size, device=device)
-    return plain, default
+
+    def make(precision):
+        return Segmenter(model, voc.class_names, voc.palette, scales=scales, test_size=size, device=device,
+                         precision=precision)
+
+    return make("fp32"), make("auto"), make("fp32-fused")
 
 
-def _compare(plain, default, images, reps):
-    times = {"fp32_eager": [], "default": []}
-    agree = []
-    default.predict(images[0])  # warm-up: builds the fast copy, primes oneDNN
-    plain.predict(images[0])
+def _compare(plain, others: dict, images, reps):
+    names = ["fp32_eager", *others]
+    paths = {"fp32_eager": plain, **others}
+    times = {name: [] for name in names}
+    agree = {name: [] for name in others}
+    for seg in paths.values():  # warm-up: builds the fast copies, primes oneDNN
+        seg.predict(images[0])
     for r in range(reps):
         img = images[r % len(images)]
-        t = time.perf_counter()
-        a = plain.predict(img).label_map
-        times["fp32_eager"].append(time.perf_counter() - t)
-        t = time.perf_counter()
-        b = default.predict(img).label_map
-        times["default"].append(time.perf_counter() - t)
-        agree.append(float((a == b).mean()))
+        labels = {}
+        for name in names:
+            t = time.perf_counter()
+            labels[name] = paths[name].predict(img).label_map
+            times[name].append(time.perf_counter() - t)
+        for name in others:
+            agree[name].append(float((labels[name] == labels["fp32_eager"]).mean()))
     med = {k: statistics.median(v) for k, v in times.items()}
-    return {"fp32_eager_s": round(med["fp32_eager"], 3), "default_s": round(med["default"], 3),
-            "speedup": round(med["fp32_eager"] / med["default"], 2),
-            # each rep runs the two paths back to back; the median of those pairwise ratios is the figure
-            # least moved by load from other processes
-            "speedup_median_of_pairs": round(statistics.median(
-                a / b for a, b in zip(times["fp32_eager"], times["default"])), 2),
-            "agreement_min": round(min(agree), 4), "agreement_mean": round(float(np.mean(agree)), 4),
-            "reps": reps, "all_s": {k: [round(x, 3) for x in v] for k, v in times.items()}}
+    out = {f"{name}_s": round(med[name], 3) for name in names}
+    for name in others:
+        prefix = "" if name == "default" else f"{name}_"
+        out[f"{prefix}speedup"] = round(med["fp32_eager"] / med[name], 2)
+        # each rep runs the paths back to back; the median of those pairwise ratios is the figure least
+        # moved by load from other processes
+        out[f"{prefix}speedup_median_of_pairs"] = round(statistics.median(
+            a / b for a, b in zip(times["fp32_eager"], times[name])), 2)
+        out[f"{prefix}agreement_min"] = round(min(agree[name]), 4)
+        out[f"{prefix}agreement_mean"] = round(float(np.mean(agree[name])), 4)
+    out["reps"] = reps
+    out["all_s"] = {k: [round(x, 3) for x in v] for k, v in times.items()}
+    return out
 
 
 def _gpu(model, quick):
@@ -124,12 +135,13 @@ def run(quick: bool) -> dict:
               "cpu_flags": sorted(f for f in cpu_flags() if f in ("avx512_bf16", "amx_bf16", "avx512_vnni",
                                                                   "amx_int8", "avx512f")),
               "note": "ratios are side by side in one run (interleaved, medians after warm-up)"}
-    plain0, default0 = _segmenters(model, (), size)
+    plain0, default0, fused0 = _segmenters(model, (), size)
     for label, scales in (("single_scale", ()), ("multi_scale", (0.5, 0.75))):
-        # with_options shares the model and the default path's fast copy between the two settings
+        # with_options shares the model and each path's fast copy between the two settings
         plain, default = plain0.with_options(scales=scales), default0.with_options(scales=scales)
         result["default_precision"] = default.precision
-        result[label] = _compare(plain, default, images, reps)
+        result[label] = _compare(plain, {"default": default, "fp32_fused": fused0.with_options(scales=scales)},
+                                 images, reps)
     result["threads_after"] = torch.get_num_threads()
     result["gpu"] = _gpu(model, quick)
     return result

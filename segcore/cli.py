@@ -27,13 +27,15 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, required: bool = Tru
                         help="extra input scales besides 1.0 (default 0.5 0.75; none for single scale)")
     parser.add_argument("--test-size", type=int, default=513, help="long side the image is resized to")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp32-fused", "bf16", "fp16"],
+                        help="auto: bf16 where the CPU/GPU has it, else fp32-fused (fp32 through fused kernels); "
+                             "fp32: the original model, the reference's numbers exactly")
     parser.add_argument("--labels", default=None, help="label set for a checkpoint without names: voc, cocostuff or FILE")
 
 
 def segmenter_from_args(args):
-    from .segmenter import Segmenter
     from .model import DEFAULT_SCALES
+    from .segmenter import Segmenter
 
     scales = DEFAULT_SCALES if args.scales is None else tuple(args.scales)
     return Segmenter.from_pretrained(args.weights, scales=scales, crf=args.crf, test_size=args.test_size,

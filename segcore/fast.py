@@ -243,14 +243,15 @@ class FastPath:
     def __init__(self, base: nn.Module, device: torch.device, precision: str):
         self.device = torch.device(device)
         self.precision = precision
-        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
+                      "fp32-fused": torch.float32}[precision]
         folded = fold_batchnorm(base).to(self.device).to(memory_format=torch.channels_last)
         for p in folded.parameters():
             p.requires_grad_(False)
         if self.device.type == "cpu":
             configure_threads()
             self.autocast = False
-            self.model = _CpuModel(folded, self.dtype) if self.dtype != torch.float32 else folded
+            self.model = _CpuModel(folded, self.dtype)
         else:
             if self.device.type == "cuda":
                 torch.backends.cudnn.benchmark = True
@@ -275,5 +276,5 @@ def uses_fast_path(device: torch.device, precision: str) -> bool:
     if precision == "fp32":
         return False
     if device.type == "cpu":
-        return precision == "bf16"
+        return precision in ("bf16", "fp32-fused")
     return device.type == "cuda"

@@ -21,7 +21,7 @@ from .crf import DenseCRF
 from .image import MAX_IMAGE_PIXELS, load_image, resize_long_side
 from .model import BGR_MEAN, DEFAULT_SCALES, msc_forward
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "fp32-fused", "bf16", "fp16")
 _UPSAMPLE_BUDGET_BYTES = 64 << 20
 
 
@@ -93,7 +93,10 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     """``auto``: bf16 on CUDA GPUs that have it (fp16 otherwise); on the CPU bf16 where it has native
-    bf16 dot products (AVX512-BF16 or AMX, see :func:`segcore.fast.cpu_bf16_supported`), fp32 otherwise."""
+    bf16 dot products (AVX512-BF16 or AMX, see :func:`segcore.fast.cpu_bf16_supported`), otherwise
+    ``fp32-fused``: fp32 arithmetic through the fast path's folded, fused kernels.
+
+    ``fp32`` runs the original model untouched, so its numbers are the reference's to the last bit."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision != "auto":
@@ -103,7 +106,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if device.type == "cpu":
         from .fast import cpu_bf16_supported
 
-        return "bf16" if cpu_bf16_supported() else "fp32"
+        return "bf16" if cpu_bf16_supported() else "fp32-fused"
     return "fp32"
 
 
@@ -204,7 +207,7 @@ class Segmenter:
         return (batch - self._mean).to(torch.float32).contiguous()
 
     def _autocast(self):
-        if self.precision == "fp32":
+        if self.precision in ("fp32", "fp32-fused"):
             return contextlib.nullcontext()
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         return torch.autocast(device_type=self.device.type, dtype=dtype)
@@ -212,8 +215,9 @@ class Segmenter:
     def fast_path(self):
         """The accelerated model copy (:class:`segcore.fast.FastPath`) this Segmenter runs, or None for fp32.
 
-        Built on first use from ``self.model`` (BatchNorm folded, channels-last, bf16/fp16); the original
-        model is never modified, so the fp32 path keeps the reference's numerics exactly.
+        Built on first use from ``self.model`` (BatchNorm folded, channels-last, fused kernels, bf16/fp16
+        where asked); the original model is never modified, so the fp32 path keeps the reference's
+        numerics exactly.
         """
         from .fast import FastPath, uses_fast_path
 

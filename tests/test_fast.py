@@ -7,9 +7,16 @@ import torch
 from factories import TINY_BLOCKS, TINY_WIDTH, randomize_, scene_image, tiny_model
 
 import annotations
+import segcore.fast as segcore_fast
 from segcore import Segmenter, build_model, msc_forward
-from segcore.fast import (FastPath, cpu_bf16_supported, fold_batchnorm, fused_conv_supported, physical_cores,
-                          uses_fast_path)
+from segcore.fast import (
+    FastPath,
+    cpu_bf16_supported,
+    fold_batchnorm,
+    fused_conv_supported,
+    physical_cores,
+    uses_fast_path,
+)
 from segcore.segmenter import resolve_precision
 
 VOC = annotations.get_label_space("voc")
@@ -132,11 +139,36 @@ def test_full_resnet101_bf16_agrees_with_fp32():
     assert (fast.predict(img).label_map == fp32.predict(img).label_map).mean() >= 0.99
 
 
-def test_auto_precision_follows_the_cpu():
-    expected = "bf16" if cpu_bf16_supported() else "fp32"
+def test_auto_precision_follows_the_cpu(monkeypatch):
+    import segcore.fast
+
+    expected = "bf16" if cpu_bf16_supported() else "fp32-fused"
     assert resolve_precision("auto", torch.device("cpu")) == expected
-    assert uses_fast_path(torch.device("cpu"), "bf16") and not uses_fast_path(torch.device("cpu"), "fp32")
+    monkeypatch.setattr(segcore.fast, "cpu_bf16_supported", lambda: False)
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32-fused"
+    assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
+    cpu = torch.device("cpu")
+    assert uses_fast_path(cpu, "bf16") and uses_fast_path(cpu, "fp32-fused") and not uses_fast_path(cpu, "fp32")
     assert physical_cores() >= 1
+
+
+@pytest.mark.parametrize("scales", [(), (0.5, 0.75)])
+def test_fp32_fused_path_gives_the_fp32_answers(scales):
+    # the path CPUs without bf16 take under "auto": same arithmetic, fused kernels, folded BN, padded ASPP
+    model = randomize_(build_model(21, n_blocks=TINY_BLOCKS, width=TINY_WIDTH), seed=9).eval()
+    fused = FastPath(model.base, torch.device("cpu"), "fp32-fused")
+    assert isinstance(fused.model, segcore_fast._CpuModel)
+    x = torch.randn(2, 3, 97, 81) * 60
+    x_before = x.clone()
+    with torch.inference_mode():
+        got, ref = fused(x, scales), msc_forward(model.base, x, scales)
+    assert torch.equal(x, x_before) and got.dtype == torch.float32
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    assert (got.argmax(1) == ref.argmax(1)).float().mean() >= 0.999
+    seg = _segmenter(model, "fp32-fused", scales=scales, test_size=97)
+    plain = _segmenter(model, "fp32", scales=scales, test_size=97)
+    img = scene_image(80, 97, seed=3)
+    assert (seg.predict(img).label_map == plain.predict(img).label_map).mean() >= 0.999
 
 
 def test_cpu_flags_decide_bf16(monkeypatch):
