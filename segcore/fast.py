@@ -9,7 +9,8 @@ stay exactly the reference's. Every accelerated path works on a *private copy* b
 * **CPU**: the ResNet's weights in bfloat16 when the CPU has native bf16 dot products (AVX512-BF16 or
   AMX), run as oneDNN convolutions with the ReLU and the residual add fused in (fp32 accumulation inside
   each conv); the ASPP classifier and everything after it stay fp32, which keeps the class scores' last
-  sums in full precision, with its filters padded to a channel count oneDNN runs well;
+  sums in full precision, with its filters padded to a channel count oneDNN runs well; ``fp32-fused``
+  (``auto`` on CPUs without native bf16) runs the same structure with fp32 weights;
 * **CUDA**: autocast to bf16 (fp16 where the GPU lacks bf16) with ``cudnn.benchmark``.
 
 The thread count is set once to the number of physical cores (hyper-threads share the vector units
@@ -165,7 +166,7 @@ class _PackedConv:
 
 
 class _FusedResNet:
-    """The DeepLab-v2 ResNet run as fused oneDNN convolutions in a low-precision dtype.
+    """The DeepLab-v2 ResNet run as fused oneDNN convolutions in the path's dtype (bf16, or fp32).
 
     Every Bottleneck becomes conv+ReLU, conv+ReLU and one conv+add+ReLU that writes into the shortcut's
     buffer: no separate ReLU or add passes and no fresh output buffer for the residual sum, which on
@@ -226,7 +227,7 @@ class _PaddedASPP:
 
 
 class _CpuModel(nn.Module):
-    """DeepLabV2 for the CPU fast path: fused low-precision ResNet, fp32 ASPP (the class scores' sums)."""
+    """DeepLabV2 for the CPU fast path: fused bf16 (or fp32) ResNet, fp32 ASPP (the class scores' sums)."""
 
     def __init__(self, folded: nn.Module, dtype: torch.dtype):
         super().__init__()
