@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from .segmenter import PRECISIONS
+
 COMMANDS = {
     "predict": ("segcore.cli_predict", "segment images and write palette masks and overlays"),
     "evaluate": ("segcore.cli_evaluate", "score a model or stored masks on a dataset and write the report"),
@@ -27,7 +29,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, required: bool = Tru
                         help="extra input scales besides 1.0 (default 0.5 0.75; none for single scale)")
     parser.add_argument("--test-size", type=int, default=513, help="long side the image is resized to")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp32-fused", "bf16", "fp16"],
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
                         help="auto: bf16 where the CPU/GPU has it, else fp32-fused (fp32 through fused kernels); "
                              "fp32: the original model, the reference's numbers exactly")
     parser.add_argument("--labels", default=None, help="label set for a checkpoint without names: voc, cocostuff or FILE")
