@@ -19,13 +19,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from annotations import IGNORE_INDEX
+
 from .errors import SegcoreError
 
 __all__ = ["FORMATS", "DatasetError", "Sample", "SegmentationDataset", "detect_format", "invalid_label_values",
            "open_dataset",
            "read_label"]
 
-IGNORE_INDEX = 255
 FORMATS = ("auto", "voc", "cocostuff10k", "cocostuff164k", "labelme", "masks")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 MASK_SUFFIXES = (".png", ".bmp", ".tif", ".tiff")
@@ -61,7 +62,7 @@ class DatasetError(SegcoreError):
     """A dataset folder or one of its files cannot be used; the message names the path."""
 
 
-def invalid_label_values(label: np.ndarray, n_classes: int, ignore_index: int = 255) -> np.ndarray:
+def invalid_label_values(label: np.ndarray, n_classes: int, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
     """Distinct values of a uint8 label map outside ``[0, n_classes)`` other than ``ignore_index``."""
     present = np.flatnonzero(np.bincount(label.ravel(), minlength=256))
     return present[(present >= n_classes) & (present != ignore_index)]

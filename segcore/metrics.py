@@ -36,6 +36,7 @@ import math
 from typing import Any
 
 import numpy as np
+from annotations import IGNORE_INDEX
 
 from .errors import SegcoreError
 
@@ -198,7 +199,7 @@ def compute_scores(matrix: Any) -> dict:
 
 
 def image_scores(
-    gt: Any, pred: Any, n_classes: int, ignore_index: int = 255, *, name: str | None = None
+    gt: Any, pred: Any, n_classes: int, ignore_index: int = IGNORE_INDEX, *, name: str | None = None
 ) -> dict:
     """Pixel accuracy and mean IoU of one image (to rank the worst images).
 
@@ -255,7 +256,7 @@ class ConfusionMatrix:
     values.  numpy and CPU inputs are checked at once.
     """
 
-    def __init__(self, n_classes: int, ignore_index: int = 255):
+    def __init__(self, n_classes: int, ignore_index: int = IGNORE_INDEX):
         self.n_classes = _check_n_classes(n_classes)
         self.ignore_index = int(ignore_index)
         self.reset()

@@ -20,9 +20,9 @@ import random
 import numpy as np
 import torch
 import torch.nn.functional as F
+from annotations import IGNORE_INDEX
 from PIL import Image
 
-IGNORE_INDEX = 255
 
 
 def resize_bilinear(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:

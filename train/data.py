@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from annotations import voc_colormap
+from annotations import IGNORE_INDEX, voc_colormap
 from segcore.datasets import invalid_label_values
 
-from .augmentation import IGNORE_INDEX, augment
+from .augmentation import augment
 from .errors import TrainError
 
 

@@ -33,12 +33,13 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from annotations import IGNORE_INDEX
 from segcore.checkpoint import save_checkpoint
 from segcore.metrics import ConfusionMatrix
 from segcore.model import build_model
 
 from . import init_weights
-from .augmentation import IGNORE_INDEX, preprocess_eval
+from .augmentation import preprocess_eval
 from .config import ConfigError, TrainConfig, dump_config
 from .data import (
     SYNTHETIC_CLASSES,
