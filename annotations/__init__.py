@@ -32,6 +32,7 @@ from .label_spaces import (
     get_label_space,
     label_space_for_names,
     normalize_name,
+    palette_image,
     voc_colormap,
 )
 from .mapping import LabelMapping
@@ -48,6 +49,6 @@ __all__ = [
     "OutputExistsError", "Shape", "UnknownLabelError", "UnsafeArchiveError", "VOC",
     "apply_exif_orientation", "builtin_label_space", "colorize", "convert_file", "convert_folder",
     "dataset_names", "find_label_files", "get_label_space", "label_space_for_names",
-    "load_labelme_dataset", "normalize_name", "rasterize", "read_labelme", "safe_extract_zip",
+    "load_labelme_dataset", "normalize_name", "palette_image", "rasterize", "read_labelme", "safe_extract_zip",
     "shape_to_mask", "voc_colormap",
 ]

@@ -18,7 +18,7 @@ from PIL import Image
 
 from .archive import DEFAULT_MAX_BYTES, DEFAULT_MAX_FILES, safe_extract_zip
 from .errors import AnnotationError, LabelSpaceError, OutputExistsError
-from .label_spaces import LabelSpace, get_label_space
+from .label_spaces import LabelSpace, get_label_space, palette_image
 from .mapping import LabelMapping
 from .rasterize import rasterize
 from .reader import Issue, LabelmeFile, read_labelme
@@ -424,16 +424,10 @@ def _jpeg_bytes(lf: LabelmeFile, rgb: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _label_image(lbl: np.ndarray, palette: np.ndarray) -> Image.Image:
-    img = Image.frombytes("P", (lbl.shape[1], lbl.shape[0]), np.ascontiguousarray(lbl, dtype=np.uint8).tobytes())
-    img.putpalette(palette[:256].reshape(-1).tolist())
-    return img
-
-
 def _write_outputs(out: Path, lf: LabelmeFile, conv: ConvertedImage, opt: _Options) -> None:
     name = conv.name
     (out / "JPEGImages" / f"{name}.jpg").write_bytes(_jpeg_bytes(lf, conv.image))
-    cls_img = _label_image(conv.class_map, opt.space.palette)
+    cls_img = palette_image(conv.class_map, opt.space.palette)
     cls_img.save(out / "SegmentationClass" / f"{name}.png", format="PNG", compress_level=1)
     base = lf.image if lf.image.mode == "RGB" else Image.fromarray(conv.image)
     _visualize(base, cls_img, opt.space).save(out / "SegmentationClassVisualization" / f"{name}.jpg", quality=90)
@@ -441,8 +435,7 @@ def _write_outputs(out: Path, lf: LabelmeFile, conv: ConvertedImage, opt: _Optio
         ins = conv.instance_map
         path = out / "SegmentationObject" / f"{name}.png"
         if ins.max(initial=0) < 255:
-            from .label_spaces import voc_colormap
-            _label_image(ins.astype(np.uint8), voc_colormap(256)).save(path, format="PNG", compress_level=1)
+            palette_image(ins.astype(np.uint8)).save(path, format="PNG", compress_level=1)
         else:  # more than 254 instances: 16-bit grey PNG
             Image.fromarray(ins.astype(np.uint16)).save(path, format="PNG")
 

@@ -143,19 +143,35 @@ class LabelSpace:
             raise LabelSpaceError(f"{path}: {e}") from e
 
 
-def colorize(label_map: np.ndarray, palette: np.ndarray | None = None) -> tuple[Image.Image, np.ndarray]:
-    """Colour a uint8 class map: ``(PIL image mode "P" with the palette, RGB uint8 array)``."""
+def _uint8_label_map(label_map) -> np.ndarray:
     lbl = np.asarray(label_map)
     if lbl.ndim != 2:
         raise ValueError(f"label map must be 2-D, got shape {lbl.shape}")
     if lbl.dtype != np.uint8:
         if lbl.size and (lbl.min() < 0 or lbl.max() > 255):
-            raise ValueError("label map values must lie in 0..255")
+            raise ValueError("label map values must lie in 0..255 (palette PNGs hold at most 256 labels)")
         lbl = lbl.astype(np.uint8)
+    return np.ascontiguousarray(lbl)
+
+
+def palette_image(label_map: np.ndarray, palette: np.ndarray | None = None) -> Image.Image:
+    """A class map as a palette ("P" mode) image, index = class id: the one way every package writes masks.
+
+    ``palette`` (Nx3, default VOC's) may be shorter than 256 colours; the rest of the PNG palette is black.
+    """
+    lbl = _uint8_label_map(label_map)
+    pal = np.zeros((256, 3), np.uint8)
+    given = voc_colormap(256) if palette is None else np.asarray(palette, dtype=np.uint8)[:256]
+    pal[: len(given)] = given
+    img = Image.frombytes("P", (lbl.shape[1], lbl.shape[0]), lbl.tobytes())
+    img.putpalette(pal.reshape(-1).tolist())
+    return img
+
+
+def colorize(label_map: np.ndarray, palette: np.ndarray | None = None) -> tuple[Image.Image, np.ndarray]:
+    """Colour a uint8 class map: ``(PIL image mode "P" with the palette, RGB uint8 array)``."""
     pal = voc_colormap(256) if palette is None else np.asarray(palette, dtype=np.uint8)
-    img = Image.frombytes("P", (lbl.shape[1], lbl.shape[0]), np.ascontiguousarray(lbl).tobytes())
-    img.putpalette(pal[:256].reshape(-1).tolist())
-    return img, pal[lbl]
+    return palette_image(label_map, pal), pal[_uint8_label_map(label_map)]
 
 
 def _voc() -> LabelSpace:

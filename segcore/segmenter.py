@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from annotations import palette_image
+
 from .checkpoint import load_model, resolve_checkpoint
 from .crf import DenseCRF
 from .image import MAX_IMAGE_PIXELS, load_image, resize_long_side
@@ -71,18 +73,6 @@ def blend_overlay(image: np.ndarray, label_map: np.ndarray, palette: np.ndarray,
     """The label colours blended over ``image``: ``opacity`` 0 gives the image, 1 the colours."""
     blend = image.astype(np.float32) * (1 - opacity) + palette[label_map].astype(np.float32) * opacity
     return np.clip(np.rint(blend), 0, 255).astype(np.uint8)
-
-
-def palette_image(label_map: np.ndarray, palette: np.ndarray) -> Image.Image:
-    """Label map (values < 256) as a "P" mode image whose palette is the label set's."""
-    if label_map.max(initial=0) > 255:
-        raise ValueError("palette PNGs hold at most 256 labels")
-    image = Image.fromarray(label_map.astype(np.uint8), mode="P")
-    flat = np.zeros((256, 3), np.uint8)
-    n = min(len(palette), 256)
-    flat[:n] = palette[:n]
-    image.putpalette(flat.ravel().tolist())
-    return image
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:

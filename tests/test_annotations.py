@@ -416,3 +416,14 @@ def test_label_space_for_names_reuses_builtins_and_builds_custom_ones():
     assert A.label_space_for_names(["sky", "road"]).background_index is None
     palette = np.array([[1, 2, 3], [4, 5, 6]], np.uint8)
     assert (A.label_space_for_names(["sky", "road"], palette=palette).palette[:2] == palette).all()
+
+
+def test_palette_image_keeps_indices_and_pads_a_short_palette():
+    lbl = np.array([[0, 1], [2, 255]], np.uint8)
+    img = A.palette_image(lbl, np.array([[10, 20, 30], [40, 50, 60], [70, 80, 90]], np.uint8))
+    assert img.mode == "P" and (np.asarray(img) == lbl).all()
+    pal = np.array(img.getpalette(), np.uint8).reshape(-1, 3)
+    assert pal[:3].tolist() == [[10, 20, 30], [40, 50, 60], [70, 80, 90]] and not pal[3:].any()
+    assert np.array(A.palette_image(lbl).getpalette(), np.uint8).reshape(-1, 3)[1].tolist() == [128, 0, 0]  # VOC
+    with pytest.raises(ValueError, match="0..255"):
+        A.palette_image(np.array([[0, 300]]))
