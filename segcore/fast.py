@@ -54,12 +54,18 @@ def cpu_bf16_supported() -> bool:
         mkldnn_ok = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         mkldnn_ok = False
-    if not mkldnn_ok or not torch.backends.mkldnn.is_available():
+    return native_bf16(mkldnn_ok and torch.backends.mkldnn.is_available(), cpu_flags(),
+                       torch.backends.cpu.get_cpu_capability())
+
+
+def native_bf16(onednn_bf16: bool, flags: frozenset[str], capability: str) -> bool:
+    """The rule behind :func:`cpu_bf16_supported`, on given facts: oneDNN must do bf16, and the CPU must
+    have AVX512-BF16 or AMX by its flags (or, where no flags are readable, by torch's capability string)."""
+    if not onednn_bf16:
         return False
-    flags = cpu_flags()
     if flags:
         return bool({"avx512_bf16", "amx_bf16"} & flags)
-    return "AMX" in torch.backends.cpu.get_cpu_capability()
+    return "AMX" in capability
 
 
 @functools.lru_cache(maxsize=1)
@@ -69,9 +75,19 @@ def physical_cores() -> int:
         allowed = os.sched_getaffinity(0)
     except AttributeError:
         allowed = set(range(os.cpu_count() or 1))
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        cpuinfo = ""
+    return count_physical_cores(cpuinfo, allowed)
+
+
+def count_physical_cores(cpuinfo: str, allowed: set[int]) -> int:
+    """Distinct (socket, core) pairs among the ``allowed`` logical CPUs of a /proc/cpuinfo text;
+    ``len(allowed)`` where the text says nothing usable."""
     cores, cpu, phys = set(), None, "0"
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        for line in cpuinfo.splitlines():
             key, _, value = line.partition(":")
             key, value = key.strip(), value.strip()
             if key == "processor":
@@ -80,7 +96,7 @@ def physical_cores() -> int:
                 phys = value
             elif key == "core id" and cpu in allowed:
                 cores.add((phys, value))
-    except (OSError, ValueError):
+    except ValueError:
         cores = set()
     return max(1, len(cores) or len(allowed))
 

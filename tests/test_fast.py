@@ -11,10 +11,10 @@ import segcore.fast as segcore_fast
 from segcore import Segmenter, build_model, msc_forward
 from segcore.fast import (
     FastPath,
-    cpu_bf16_supported,
     fold_batchnorm,
+    count_physical_cores,
     fused_conv_supported,
-    physical_cores,
+    native_bf16,
     uses_fast_path,
 )
 from segcore.segmenter import resolve_precision
@@ -142,14 +142,29 @@ def test_full_resnet101_bf16_agrees_with_fp32():
 def test_auto_precision_follows_the_cpu(monkeypatch):
     import segcore.fast
 
-    expected = "bf16" if cpu_bf16_supported() else "fp32-fused"
-    assert resolve_precision("auto", torch.device("cpu")) == expected
+    monkeypatch.setattr(segcore.fast, "cpu_bf16_supported", lambda: True)
+    assert resolve_precision("auto", torch.device("cpu")) == "bf16"
     monkeypatch.setattr(segcore.fast, "cpu_bf16_supported", lambda: False)
     assert resolve_precision("auto", torch.device("cpu")) == "fp32-fused"
     assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
     cpu = torch.device("cpu")
     assert uses_fast_path(cpu, "bf16") and uses_fast_path(cpu, "fp32-fused") and not uses_fast_path(cpu, "fp32")
-    assert physical_cores() >= 1
+
+
+def _cpuinfo(cpus):
+    """A /proc/cpuinfo text: one block per (processor, physical id, core id)."""
+    return "\n\n".join(f"processor\t: {p}\nphysical id\t: {s}\ncore id\t\t: {c}\nflags\t\t: fpu"
+                       for p, s, c in cpus)
+
+
+def test_physical_cores_count_hyperthread_siblings_once():
+    smt = _cpuinfo([(0, 0, 0), (1, 0, 1), (2, 0, 0), (3, 0, 1)])  # 2 cores, 2 threads each
+    assert count_physical_cores(smt, {0, 1, 2, 3}) == 2
+    assert count_physical_cores(smt, {0, 2}) == 1  # both threads of core 0
+    two_sockets = _cpuinfo([(0, 0, 0), (1, 1, 0)])  # same core id on different sockets
+    assert count_physical_cores(two_sockets, {0, 1}) == 2
+    assert count_physical_cores("", {0, 1, 2}) == 3  # nothing readable: the allowed CPUs
+    assert count_physical_cores("processor : x", {0, 1}) == 2
 
 
 @pytest.mark.parametrize("scales", [(), (0.5, 0.75)])
@@ -171,18 +186,16 @@ def test_fp32_fused_path_gives_the_fp32_answers(scales):
     assert (seg.predict(img).label_map == plain.predict(img).label_map).mean() >= 0.999
 
 
-def test_cpu_flags_decide_bf16(monkeypatch):
-    import segcore.fast as fast
-
-    monkeypatch.setattr(fast, "cpu_flags", lambda: frozenset({"avx512f", "avx512_vnni"}))
-    fast.cpu_bf16_supported.cache_clear()
-    try:
-        assert fast.cpu_bf16_supported() is False
-        monkeypatch.setattr(fast, "cpu_flags", lambda: frozenset({"avx512f", "amx_bf16"}))
-        fast.cpu_bf16_supported.cache_clear()
-        assert fast.cpu_bf16_supported() is bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    finally:
-        fast.cpu_bf16_supported.cache_clear()
+@pytest.mark.parametrize("onednn, flags, capability, expected", [
+    (True, {"avx512f", "avx512_vnni"}, "AVX512", False),  # VNNI is int8, not bf16
+    (True, {"avx512f", "avx512_bf16"}, "AVX512", True),
+    (True, {"avx512f", "amx_bf16"}, "AVX512", True),
+    (False, {"avx512f", "amx_bf16"}, "AMX", False),  # oneDNN would emulate bf16: slower than fp32
+    (True, set(), "AMX", True),  # no /proc/cpuinfo: torch's capability decides
+    (True, set(), "AVX2", False),
+])
+def test_cpu_flags_decide_bf16(onednn, flags, capability, expected):
+    assert native_bf16(onednn, frozenset(flags), capability) is expected
 
 
 @pytest.mark.gpu
