@@ -12,7 +12,17 @@ field numbers follow Caffe's ``caffe.proto``:
   dilation 18, pad_h 9, pad_w 10, kernel_h 11, kernel_w 12, stride_h 13, stride_w 14.
 * ``BatchNormParameter``: use_global_stats 1, eps 3 (default 1e-5).
 
-WHY_NOT_PROTOBUF
+Why not the ``protobuf`` runtime with the message description built in code (the test
+``test_wire_reader_agrees_with_google_protobuf`` builds one; it was tried as a replacement):
+
+* it is less strict: a known field sent with the wrong wire type (a layer name as a varint, float
+  data as 8-byte fixed values) is kept as an unknown field and the file is accepted without it, where
+  this reader refuses it naming the field and the byte; and every kind of damage gives the same
+  "Wire format was corrupt", where this reader tells a truncated download (download it again) apart;
+* it would be a direct run-time dependency of segcore (today protobuf only comes with tensorboard);
+* it is not faster here: a 177 MB synthetic ResNet-101 file read in 0.61-0.65 s with this reader,
+  0.48-0.69 s with protobuf 7.36 (upb) plus the copy into numpy (medians of 5, two runs, a busy
+  2-core machine); both are dominated by copying the floats.
 """
 
 from __future__ import annotations

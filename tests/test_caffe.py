@@ -591,8 +591,20 @@ def pytorch_zip(_good: bytes) -> bytes:
         ("empty.caffemodel", lambda good: b"", "empty"),
         # a valid protobuf without NetParameter layers (a BlobProto on its own)
         ("blob.caffemodel", lambda good: blob(np.ones(3, np.float32)), "no layers"),
+        # known fields with the wrong wire type (protobuf's own parser would drop them silently)
+        (
+            "varint_name.caffemodel",
+            lambda good: f_bytes(100, f_varint(1, 5) + f_string(2, "Convolution")),
+            r"varint_name\.caffemodel.*layer name has wire type 0",
+        ),
+        (
+            "fixed64_data.caffemodel",
+            lambda good: f_bytes(100, f_string(1, "conv1") + f_bytes(7, tag(5, 1) + struct.pack("<d", 1.0))),
+            "BlobProto.data has wire type 1",
+        ),
     ],
-    ids=["truncated", "noise", "prototxt", "pytorch", "cut-between-layers", "empty", "lone-blob"],
+    ids=["truncated", "noise", "prototxt", "pytorch", "cut-between-layers", "empty", "lone-blob",
+         "name-as-varint", "data-as-fixed64"],
 )
 def test_truncated_and_foreign_files(tmp_path, name, content, message):
     specs, _ = make_net((1, 1, 1, 1), multiscale=False)
