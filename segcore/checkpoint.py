@@ -154,11 +154,12 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     """Read a checkpoint file without building a model; refuses anything that is not tensors."""
     path = Path(path)
     payload = read_checkpoint_file(path)
-    state = normalize_keys(payload["state_dict"])
+    tensors, meta = payload["state_dict"], payload["meta"]
+    state = normalize_keys(tensors)
     if "base.aspp.c0.weight" not in state:
         raise CheckpointError(f"{path}: not a DeepLab-v2 checkpoint: no 'base.aspp.c0.weight' "
                               f"(first keys: {', '.join(list(state)[:5])})")
-    return Checkpoint(state, dict(payload["meta"]), path)
+    return Checkpoint(state, dict(meta), path)
 
 
 def read_backbone(path: str | Path) -> dict[str, torch.Tensor]:
