@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .caffe_convert import convert_caffemodel
 from .errors import CheckpointError
 from .model import DEFAULT_RATES, MSC, build_model
 
@@ -91,7 +92,15 @@ def normalize_keys(state_dict: dict) -> dict:
     return out
 
 
-def _read_file(path: Path) -> tuple[dict, dict]:
+def read_checkpoint_file(path: str | Path) -> dict:
+    """Everything a ``.pth`` or ``.safetensors`` file holds, read without running any of its code.
+
+    Returns ``{"state_dict": {name: tensor}, "meta": dict, **other top-level entries}`` (a trainer's
+    ``train_state`` ...), unwrapping ``{"state_dict": ...}`` and ``{"model": ...}`` files. The one
+    place checkpoint files are opened: :func:`read_checkpoint`, :func:`read_backbone`, the trainer's
+    resume and its starting weights all read through it. CheckpointError on anything unsafe or unreadable.
+    """
+    path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     if path.stat().st_size == 0:
@@ -109,7 +118,7 @@ def _read_file(path: Path) -> tuple[dict, dict]:
             meta = json.loads(meta_text) if meta_text else {}
         except json.JSONDecodeError as exc:
             raise CheckpointError(f"{path}: its '{META_KEY}' metadata is not valid JSON") from exc
-        return tensors, meta
+        return _tensors_only(path, {"state_dict": tensors, "meta": meta})
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - every failure here means "refuse the file"
@@ -123,30 +132,55 @@ def _read_file(path: Path) -> tuple[dict, dict]:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({msg})") from exc
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a state dict, found {type(obj).__name__}")
-    meta = {}
+    payload = {"state_dict": obj, "meta": {}}
     if "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        meta = obj.get("meta") or obj.get(META_KEY) or {}
-        obj = obj["state_dict"]
+        payload = {**obj, "meta": obj.get("meta") or obj.get(META_KEY) or {}}
     elif "model" in obj and isinstance(obj["model"], dict):
-        meta = obj.get("meta") or {}
-        obj = obj["model"]
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{path}: its metadata is a {type(meta).__name__}, expected a dict")
-    return obj, meta
+        payload = {**obj, "state_dict": obj["model"], "meta": obj.get("meta") or {}}
+        del payload["model"]
+    if not isinstance(payload["meta"], dict):
+        raise CheckpointError(f"{path}: its metadata is a {type(payload['meta']).__name__}, expected a dict")
+    return _tensors_only(path, payload)
+
+
+def _tensors_only(path: Path, payload: dict) -> dict:
+    bad = sorted(str(k) for k, v in payload["state_dict"].items() if not isinstance(v, torch.Tensor))
+    if bad:
+        raise CheckpointError(f"{path}: entries that are not tensors: {', '.join(bad[:10])}")
+    return payload
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:
     """Read a checkpoint file without building a model; refuses anything that is not tensors."""
     path = Path(path)
-    tensors, meta = _read_file(path)
-    bad = sorted(k for k, v in tensors.items() if not isinstance(v, torch.Tensor))
-    if bad:
-        raise CheckpointError(f"{path}: entries that are not tensors: {', '.join(map(str, bad[:10]))}")
+    payload = read_checkpoint_file(path)
+    tensors, meta = payload["state_dict"], payload["meta"]
     state = normalize_keys(tensors)
     if "base.aspp.c0.weight" not in state:
         raise CheckpointError(f"{path}: not a DeepLab-v2 checkpoint: no 'base.aspp.c0.weight' "
                               f"(first keys: {', '.join(list(state)[:5])})")
     return Checkpoint(state, dict(meta), path)
+
+
+def read_backbone(path: str | Path) -> dict[str, torch.Tensor]:
+    """Backbone weights (``base.layer*`` keys, no ASPP) from a converted checkpoint or a ``.caffemodel``.
+
+    :func:`read_checkpoint` refuses files without ``base.aspp.c0.weight``, which a converted COCO
+    initialisation (``backbone_only``) is; training starts from this instead. A ``.caffemodel`` is
+    converted on the fly as ``init-coco`` (classifier dropped).
+    """
+    path = Path(path)
+    if path.suffix == ".caffemodel":
+        state, _ = convert_caffemodel(path, kind="init-coco", keep_classifier=False)
+        return state
+    tensors = read_checkpoint_file(path)["state_dict"]
+    state = {k: v for k, v in normalize_keys(tensors).items() if ".aspp." not in k}
+    if "base.layer1.conv1.conv.weight" not in state:
+        raise CheckpointError(
+            f"{path}: not a DeepLab-v2 backbone: no 'base.layer1.conv1.conv.weight' "
+            f"(first keys: {', '.join(list(state)[:5])})"
+        )
+    return state
 
 
 def state_mismatch(expected: dict, state: dict) -> str | None:

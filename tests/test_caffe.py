@@ -10,6 +10,7 @@ the converter's parsing.
 
 from __future__ import annotations
 
+import io
 import struct
 import sys
 
@@ -354,16 +355,12 @@ def test_v1_layout_legacy_shapes_unpacked_and_double_data(tmp_path):
     assert report["layout"] == "layers (V1)"
 
 
-def test_blob_without_any_shape_and_shape_mismatch(tmp_path):
+def test_blob_without_any_shape(tmp_path):
     specs, _known = make_net((1, 1, 1, 1), multiscale=False)
     # a BatchNorm blob that states no shape at all is taken as a vector
     path = write_net(tmp_path / "a.caffemodel", specs, shape_style="none")
     with pytest.raises(CheckpointError, match="conv1"):
         convert_caffemodel(path)  # conv weights need their 4-D shape
-    bad = edit(specs, "res2a_branch2a", blobs=[np.zeros((4, 4, 3, 1), np.float32)])
-    path = write_net(tmp_path / "b.caffemodel", bad)
-    with pytest.raises(CheckpointError, match=r"res2a_branch2a.*\(4, 4, 3, 1\)"):
-        convert_caffemodel(path)
 
 
 def test_converted_model_gives_the_same_logits_as_one_built_from_the_values(tmp_path):
@@ -513,6 +510,11 @@ def test_multiscale_copy_that_differs_is_reported(tmp_path):
             r"res2a_branch2c.*no bias",
         ),
         ("scale4a_branch1", {"blobs": [np.ones(64, np.float32)]}, r"scale4a_branch1.*1 blobs"),
+        (
+            "res2a_branch2a",
+            {"blobs": [np.zeros((4, 4, 3, 1), np.float32)]},
+            r"res2a_branch2a.*\(4, 4, 3, 1\)",
+        ),
     ],
 )
 def test_architecture_mismatches_are_named(tmp_path, name, changes, message):
@@ -522,52 +524,37 @@ def test_architecture_mismatches_are_named(tmp_path, name, changes, message):
         convert_caffemodel(path)
 
 
-def test_missing_and_unmapped_layers_are_named(tmp_path):
+EXTRA_CONV = {
+    "name": "extra_conv",
+    "type": "Convolution",
+    "blobs": [np.ones((2, 2, 1, 1), np.float32)],
+    "conv": {"num_output": 2, "kernel": 1},
+}
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            lambda specs: [s for s in specs if s["name"] != "bn3b1_branch2b"],
+            r"base\.layer3\.block2\.conv3x3\.bn\.running_mean.*bn3b1_branch2b",
+        ),
+        (lambda specs: specs + [EXTRA_CONV], "extra_conv"),
+        (
+            lambda specs: edit(specs, "bn2a_branch1", type="Convolution"),
+            "bn2a_branch1.*Convolution.*BatchNorm",
+        ),
+    ],
+    ids=["missing", "unmapped", "mistyped"],
+)
+def test_missing_and_unmapped_layers_are_named(tmp_path, change, message):
     specs, _ = make_net((1, 2, 1, 1), multiscale=False)
-    missing = [s for s in specs if s["name"] != "bn3b1_branch2b"]
-    with pytest.raises(
-        CheckpointError, match=r"base\.layer3\.block2\.conv3x3\.bn\.running_mean.*bn3b1_branch2b"
-    ):
-        convert_caffemodel(write_net(tmp_path / "a.caffemodel", missing))
-    extra = specs + [
-        {
-            "name": "extra_conv",
-            "type": "Convolution",
-            "blobs": [np.ones((2, 2, 1, 1), np.float32)],
-            "conv": {"num_output": 2, "kernel": 1},
-        }
-    ]
-    with pytest.raises(CheckpointError, match="extra_conv"):
-        convert_caffemodel(write_net(tmp_path / "b.caffemodel", extra))
-    mistyped = edit(specs, "bn2a_branch1", type="Convolution")
-    with pytest.raises(CheckpointError, match="bn2a_branch1.*Convolution.*BatchNorm"):
-        convert_caffemodel(write_net(tmp_path / "c.caffemodel", mistyped))
+    with pytest.raises(CheckpointError, match=message):
+        convert_caffemodel(write_net(tmp_path / "a.caffemodel", change(specs)))
 
 
-def test_truncated_and_foreign_files(tmp_path):
-    specs, _ = make_net((1, 1, 1, 1), multiscale=False)
-    good = write_net(tmp_path / "good.caffemodel", specs).read_bytes()
-    cut = tmp_path / "cut.caffemodel"
-    cut.write_bytes(good[: len(good) // 2])
-    with pytest.raises(CheckpointError, match=r"cut\.caffemodel.*truncated"):
-        convert_caffemodel(cut)
-
-    noise = tmp_path / "noise.caffemodel"
-    noise.write_bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())
-    with pytest.raises(CheckpointError, match="noise.caffemodel"):
-        convert_caffemodel(noise)
-
-    text = tmp_path / "train.prototxt"
-    text.write_text('name: "DeepLab"\nlayer {\n  name: "conv1"\n}\n')
-    with pytest.raises(CheckpointError, match="prototxt"):
-        convert_caffemodel(text)
-
-    pth = tmp_path / "model.caffemodel"
-    torch.save({"a": torch.zeros(2)}, pth)
-    with pytest.raises(CheckpointError, match="zip"):
-        convert_caffemodel(pth)
-
-    # cut exactly between two layers: the file parses, and the missing layers are named
+def cut_between_layers(good: bytes) -> bytes:
+    """Cut exactly between two layers: the file parses, and the missing layers are named."""
     layers_start = good.index(layer_bytes(make_net((1, 1, 1, 1))[0][0], "layer", "shape"))
     ends, pos = [], layers_start
     while pos < len(good):  # walk the top-level 'layer' fields (tag 0xA2 0x06, then a varint length)
@@ -580,21 +567,52 @@ def test_truncated_and_foreign_files(tmp_path):
                 break
         pos += 2 + n + length
         ends.append(pos)
-    short = tmp_path / "short.caffemodel"
-    short.write_bytes(good[: ends[len(ends) // 2]])
-    with pytest.raises(CheckpointError, match=r"short\.caffemodel.*(res5|layer5).*complete"):
-        convert_caffemodel(short)
+    return good[: ends[len(ends) // 2]]
 
-    empty = tmp_path / "empty.caffemodel"
-    empty.write_bytes(b"")
-    with pytest.raises(CheckpointError, match="empty"):
-        convert_caffemodel(empty)
 
-    # a valid protobuf without NetParameter layers (a BlobProto on its own)
-    lone = tmp_path / "blob.caffemodel"
-    lone.write_bytes(blob(np.ones(3, np.float32)))
-    with pytest.raises(CheckpointError, match="no layers"):
-        convert_caffemodel(lone)
+def pytorch_zip(_good: bytes) -> bytes:
+    buffer = io.BytesIO()
+    torch.save({"a": torch.zeros(2)}, buffer)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("cut.caffemodel", lambda good: good[: len(good) // 2], r"cut\.caffemodel.*truncated"),
+        (
+            "noise.caffemodel",
+            lambda good: np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes(),
+            "noise.caffemodel",
+        ),
+        ("train.prototxt", lambda good: b'name: "DeepLab"\nlayer {\n  name: "conv1"\n}\n', "prototxt"),
+        ("model.caffemodel", pytorch_zip, "zip"),
+        ("short.caffemodel", cut_between_layers, r"short\.caffemodel.*(res5|layer5).*complete"),
+        ("empty.caffemodel", lambda good: b"", "empty"),
+        # a valid protobuf without NetParameter layers (a BlobProto on its own)
+        ("blob.caffemodel", lambda good: blob(np.ones(3, np.float32)), "no layers"),
+        # known fields with the wrong wire type (protobuf's own parser would drop them silently)
+        (
+            "varint_name.caffemodel",
+            lambda good: f_bytes(100, f_varint(1, 5) + f_string(2, "Convolution")),
+            r"varint_name\.caffemodel.*layer name has wire type 0",
+        ),
+        (
+            "fixed64_data.caffemodel",
+            lambda good: f_bytes(100, f_string(1, "conv1") + f_bytes(7, tag(5, 1) + struct.pack("<d", 1.0))),
+            "BlobProto.data has wire type 1",
+        ),
+    ],
+    ids=["truncated", "noise", "prototxt", "pytorch", "cut-between-layers", "empty", "lone-blob",
+         "name-as-varint", "data-as-fixed64"],
+)
+def test_truncated_and_foreign_files(tmp_path, name, content, message):
+    specs, _ = make_net((1, 1, 1, 1), multiscale=False)
+    good = write_net(tmp_path / "good.caffemodel", specs).read_bytes()
+    path = tmp_path / name
+    path.write_bytes(content(good))
+    with pytest.raises(CheckpointError, match=message):
+        convert_caffemodel(path)
 
 
 def test_binary_file_whose_name_length_is_a_hash_sign_is_not_taken_for_text(tmp_path):

@@ -5,7 +5,8 @@ import pytest
 import torch
 from factories import TINY_BLOCKS, TINY_WIDTH, tiny_model
 
-from segcore import CheckpointError, build_model, load_model, read_checkpoint, save_checkpoint
+from segcore import CheckpointError, SegcoreError, build_model, load_model, read_checkpoint, save_checkpoint
+from segcore.checkpoint import read_backbone, read_checkpoint_file
 
 
 def _same(a, b):
@@ -96,6 +97,29 @@ def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path):
         if name.endswith(".pth"):  # raw pickles are stopped earlier, at the tensors' own storage global
             assert "posix.system" in str(err.value) or "os.system" in str(err.value)
         assert not marker.exists()
+
+
+def _initialise(fmt):
+    from train import init_weights
+
+    return lambda path: init_weights.initialise(tiny_model(3), str(path), fmt)
+
+
+@pytest.mark.parametrize(
+    "read",
+    [read_checkpoint_file, read_backbone, _initialise("backbone"), _initialise("torchvision"),
+     _initialise("auto")],
+    ids=["read_checkpoint_file", "read_backbone", "train-init-backbone", "train-init-torchvision",
+         "train-init-auto"],
+)
+def test_every_reader_of_weight_files_refuses_a_pickle_that_runs_code(tmp_path, read):
+    marker = tmp_path / "pwned"
+    sd = dict(tiny_model(3).state_dict())
+    sd["payload"] = _RunsCode(marker)
+    torch.save(sd, tmp_path / "m.pth")
+    with pytest.raises(SegcoreError, match="refused.*os.system|refused.*posix.system"):
+        read(tmp_path / "m.pth")
+    assert not marker.exists()
 
 
 def test_non_tensor_entries_are_refused(tmp_path):

@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from annotations import IGNORE_INDEX
-from segcore.checkpoint import save_checkpoint
+from segcore.checkpoint import read_checkpoint_file, save_checkpoint
 from segcore.metrics import ConfusionMatrix
 from segcore.model import build_model
 
@@ -451,7 +451,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, info: DistInfo,
     start = 0
     position = 0
     if resume:
-        payload = torch.load(str(last_path), map_location="cpu", weights_only=True)
+        payload = read_checkpoint_file(last_path)
         saved_cfg = payload.get("meta", {}).get("config", {})
         diffs = [d for d in _diff(saved_cfg, config_dict) if not d.startswith(_RESUME_FREE)]
         if diffs:

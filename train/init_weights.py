@@ -1,7 +1,7 @@
 """Starting weights: a published DeepLab-v2 checkpoint, a Caffe-converted backbone, or torchvision ResNet.
 
 Nothing is downloaded here except a segcore registry name given on purpose (``model.init.path: voc12``);
-files are read with ``torch.load(weights_only=True)``.
+files are read by :mod:`segcore.checkpoint` (tensors only: ``torch.load(weights_only=True)``, safetensors).
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from segcore.checkpoint import normalize_keys, resolve_checkpoint, state_mismatch
+from segcore.checkpoint import (normalize_keys, read_backbone, read_checkpoint_file, resolve_checkpoint,
+                                state_mismatch)
 from segcore.errors import CheckpointError
 
 from .errors import TrainError
@@ -61,21 +62,16 @@ def convert_torchvision(state: dict) -> dict:
     return out
 
 
-def _torch_load(path: Path) -> dict:
+def _read_weights(path: Path) -> dict:
+    """The file's tensors, by segcore's checkpoint reader (a ``.caffemodel`` is converted as a backbone)."""
     if not path.is_file():
         raise TrainError(f"{path}: no such weights file (model.init.path); nothing is downloaded")
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any failure means the file cannot be used
-        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise TrainError(f"{path}: cannot read it as tensors-only PyTorch weights ({detail})") from exc
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    elif isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        obj = obj["model"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise TrainError(f"{path}: expected a state dict of tensors")
-    return obj
+        if path.suffix == ".caffemodel":
+            return read_backbone(path)
+        return read_checkpoint_file(path)["state_dict"]
+    except CheckpointError as exc:
+        raise TrainError(str(exc)) from exc
 
 
 def detect_format(state: dict) -> str:
@@ -85,16 +81,6 @@ def detect_format(state: dict) -> str:
     if any("aspp." in k for k in keys):
         return "checkpoint"
     return "backbone"
-
-
-def _load_backbone_file(path: Path) -> dict:
-    try:  # a colleague's Caffe reader, when present
-        from segcore.caffe import read_backbone  # type: ignore[import-not-found]
-    except ImportError:
-        read_backbone = None
-    if read_backbone is not None and path.suffix == ".caffemodel":
-        return dict(read_backbone(path))
-    return _torch_load(path)
 
 
 def _copy_into(model: nn.Module, state: dict, where: str, *, skip_aspp: bool) -> None:
@@ -124,7 +110,7 @@ def initialise(model: nn.Module, path: str | None, fmt: str = "auto") -> dict:
         except CheckpointError as exc:
             raise TrainError(str(exc)) from exc
         return _init_from_checkpoint(model, ckpt.state_dict, str(path), ckpt.class_names)
-    raw = _load_backbone_file(p) if fmt in ("auto", "backbone") else _torch_load(p)
+    raw = _read_weights(p)
     if fmt == "auto":
         fmt = detect_format(raw)
     if fmt == "torchvision":
