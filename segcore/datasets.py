@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,13 +119,21 @@ def read_label(path, *, what: str = "label") -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"{path}: {what} file not found")
+    from annotations.limits import MAX_IMAGE_PIXELS, ImageTooLargeError, check_pixels
+
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():  # the cap below decides, not Pillow's DecompressionBombWarning
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        with img:
+            check_pixels(*img.size, MAX_IMAGE_PIXELS, str(path))  # from the header, before decoding
             img.load()
             mode = img.mode
             arr = np.asarray(img)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise DatasetError(f"{path}: cannot read the {what} image ({exc})") from exc
+    except ImageTooLargeError as exc:
+        raise DatasetError(str(exc)) from exc
     if mode in ("P", "L"):
         return np.ascontiguousarray(arr, dtype=np.uint8)
     if mode == "1":

@@ -417,3 +417,11 @@ def test_deeper_folders_keep_their_prefix_and_ids_never_collide(tmp_path):
         zf.write(src / "top/a.json", "y/a.json")
     assert sorted(c.name for c in A.load_labelme_dataset(two, "voc")) == ["x__a", "y__a"]
     assert sorted(open_dataset(two, "labelme").names()) == ["x__a", "y__a"]
+
+
+def test_mask_files_over_the_cap_are_refused_from_the_header(tmp_path, no_decoding):
+    from segcore.datasets import read_label
+
+    (tmp_path / "gt.png").write_bytes(_big_png(10_000, 10_000))
+    with pytest.raises(DatasetError, match="100,000,000 pixels exceeds the cap"):
+        read_label(tmp_path / "gt.png")
