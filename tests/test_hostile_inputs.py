@@ -63,13 +63,15 @@ def _labelme_classes(path: Path) -> np.ndarray:
 
 @pytest.fixture
 def pillow_radii(monkeypatch):
-    """Radii of every ellipse handed to Pillow (what made a 300-byte file cost 30 s)."""
+    """Radii of every ellipse handed to Pillow; a huge one (what made a 400-byte file cost minutes)
+    fails the test at once instead of being drawn."""
     seen = []
     original = ImageDraw.ImageDraw.ellipse
 
     def ellipse(self, xy, *args, **kwargs):
         (x0, y0), (x1, _) = xy
         seen.append((x1 - x0) / 2)
+        assert seen[-1] <= PILLOW_MAX_RADIUS, f"Pillow asked to draw a circle of radius {seen[-1]}"
         return original(self, xy, *args, **kwargs)
 
     monkeypatch.setattr(ImageDraw.ImageDraw, "ellipse", ellipse)
@@ -95,15 +97,15 @@ def test_giant_circles_are_clipped_to_the_image(tmp_path, pillow_radii, centre, 
     assert (cls[~sure] != expect[~sure]).sum() <= max(w, h)  # boundary pixels only
 
 
-def test_giant_circle_of_the_issue_costs_a_span_per_row(tmp_path, monkeypatch):
-    """Two circles whose edge point is at 999999,999999 (the 300-byte file of issue 13): drawn as one
-    span per image row each, not by walking a circumference of millions of pixels."""
+def test_giant_circle_of_the_issue_costs_a_span_per_row(tmp_path, monkeypatch, pillow_radii):
+    """Two circles whose edge point is at 999999,999999 (issue 13's file; with a radius of exactly a
+    million, Pillow's ellipse took 172 s here): drawn as one span per image row each."""
     calls = []
     original = ImageDraw.ImageDraw.rectangle
     monkeypatch.setattr(ImageDraw.ImageDraw, "rectangle", lambda self, *a, **k: (calls.append(1),
                                                                                  original(self, *a, **k))[1])
-    f = _write(tmp_path / "c.json", [_shape("cat", [(10, 10), (999999, 999999)], "circle"),
-                                     _shape("dog", [(50, 40), (999999, 999999)], "circle")], 64, 48)
+    f = _write(tmp_path / "c.json", [_shape("cat", [(999999, -1), (999999, 999999)], "circle"),
+                                     _shape("dog", [(-1, 999999), (999999, 999999)], "circle")], 64, 48)
     assert f.stat().st_size < 20_000
     cls = A.convert_file(f, "voc").class_map
     assert (cls == 12).all()  # dog, drawn last, covers everything
