@@ -46,14 +46,18 @@ def check_image_size(source, *, max_pixels: int | None = MAX_IMAGE_PIXELS, name:
                      ) -> tuple[int, int]:
     """``(width, height)`` of ``source`` read from its header alone, or :class:`ImageError` when over
     ``max_pixels`` or under the smallest side. Nothing is decoded: call it on a frame (path, bytes,
-    file object, lazily opened PIL image or array) before decoding or segmenting it."""
+    file object, lazily opened PIL image or array) before decoding or segmenting it; a file object is
+    returned to its position."""
     where = name or (str(source) if isinstance(source, (str, Path)) else type(source).__name__)
     if isinstance(source, np.ndarray):
         size = (source.shape[1], source.shape[0]) if source.ndim >= 2 else (0, 0)
     else:
+        start = source.tell() if hasattr(source, "seek") and hasattr(source, "tell") else None
         image = _open(source, where)
         size = image.size
-        if image is not source:
+        if start is not None:  # a file object is left where it was, ready to be decoded
+            source.seek(start)
+        elif image is not source:
             image.close()
     _check_size(size, max_pixels, where)
     return size

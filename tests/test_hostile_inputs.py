@@ -219,6 +219,8 @@ def test_frame_size_is_checked_from_the_header(tmp_path, no_decoding):
     (tmp_path / "f.png").write_bytes(_big_png(640, 480))
     assert check_image_size(tmp_path / "f.png", max_pixels=25_000_000) == (640, 480)
     assert A.image_size(tmp_path / "f.png") == (640, 480)
+    stream = io.BytesIO(_big_png(640, 480))
+    assert check_image_size(stream) == (640, 480) and stream.tell() == 0  # ready to be decoded next
     with pytest.raises(ImageError, match="exceeds the cap"):
         check_image_size(np.zeros((600, 500, 3), np.uint8), max_pixels=100_000)
 
@@ -321,9 +323,9 @@ def test_absolute_image_paths_are_never_read_and_say_nothing(server_files):
     missing = _write(upload / "b.json", poly, image_path=str(secret.with_name("nothing.png")))
     msg_existing = _path_error(existing).replace(str(secret), "P").replace("a.json", "X")
     msg_missing = _path_error(missing).replace(str(secret.with_name("nothing.png")), "P").replace("b.json", "X")
-    assert msg_existing == msg_missing and "not found among the uploaded files" in msg_existing
+    assert msg_existing == msg_missing and "not found in the input folder or zip" in msg_existing
     win = _write(upload / "w.json", poly, image_path="C:\\Users\\x\\secret.png")
-    assert "not found among the uploaded files" in _path_error(win)
+    assert "not found in the input folder or zip" in _path_error(win)
 
 
 def test_dotdot_and_symlinks_out_of_the_upload_are_refused(server_files):
@@ -335,7 +337,7 @@ def test_dotdot_and_symlinks_out_of_the_upload_are_refused(server_files):
         _path_error(up_missing).replace("../server/none.png", "P").replace("up2.json", "X")
     (upload / "link.png").symlink_to(secret)
     link = _write(upload / "link.json", poly, image_path="link.png")
-    assert "not found among the uploaded files" in _path_error(link)
+    assert "not found in the input folder or zip" in _path_error(link)
     # inside the upload, '..' and sub-folders are fine (labelme's images/ beside annotations/ layout)
     (upload / "images").mkdir()
     shutil.copyfile(secret, upload / "images" / "ok.png")
@@ -360,7 +362,7 @@ def test_conversion_and_evaluation_never_copy_a_server_file(server_files, tmp_pa
         if name == "ok":
             assert ds[i].image.shape == (48, 64, 3)
         else:
-            with pytest.raises(DatasetError, match="not found among the uploaded files"):
+            with pytest.raises(DatasetError, match="not found in the input folder or zip"):
                 ds[i]
 
 
