@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from annotations.limits import MAX_IMAGE_PIXELS, ImageTooLargeError, check_pixels
+
 from .errors import SegcoreError
 
 __all__ = ["FORMATS", "DatasetError", "Sample", "SegmentationDataset", "detect_format", "invalid_label_values",
@@ -119,8 +121,6 @@ def read_label(path, *, what: str = "label") -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"{path}: {what} file not found")
-    from annotations.limits import MAX_IMAGE_PIXELS, ImageTooLargeError, check_pixels
-
     try:
         with warnings.catch_warnings():  # the cap below decides, not Pillow's DecompressionBombWarning
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -286,7 +286,7 @@ class LabelmeDataset(SegmentationDataset):
     format = "labelme"
 
     def __init__(self, *args, mapping=None, unknown: str = "error", tmp: str | None = None, display_root=None,
-                 upload_root=None, max_pixels: int | None = None, **kwargs):
+                 upload_root=None, max_pixels: int | None = MAX_IMAGE_PIXELS, **kwargs):
         super().__init__(*args, **kwargs)
         self.mapping = mapping
         self.unknown = unknown
@@ -323,7 +323,7 @@ class LabelmeDataset(SegmentationDataset):
         try:
             conv = annotations.convert_file(item.label, self.label_space, mapping=self.mapping,
                                             unknown=self.unknown, root=self.upload_root,
-                                            **({} if self.max_pixels is None else {"max_pixels": self.max_pixels}))
+                                            max_pixels=self.max_pixels)
         except annotations.AnnotationError as exc:
             message = str(exc)
             if self._tmp is not None:
@@ -553,7 +553,7 @@ def _open_labelme(path: Path, space, mapping, unknown: str, budget=None, max_pix
     items = [_Item(n, None, f) for n, f in zip(annotations.dataset_names(files, ids_root), files)]
     return LabelmeDataset(path.stem if tmp else path.name, path, items, space.class_names, label_space=space,
                           mapping=mapping, unknown=unknown, tmp=tmp, display_root=str(path), upload_root=top,
-                          max_pixels=max_pixels)
+                          max_pixels=MAX_IMAGE_PIXELS if max_pixels is None else max_pixels)
 
 
 def _mask_files(folder: Path) -> dict[str, Path]:
