@@ -83,14 +83,16 @@ def safe_extract_zip(archive: str | Path, target: str | Path, *, max_bytes: int 
     with zf:
         infos = zf.infolist()
         if len(infos) > max_files:
-            raise UnsafeArchiveError(f"{name}: {len(infos)} entries exceed the cap of {max_files} files{scope}")
+            raise UnsafeArchiveError(
+                f"{name}: {len(infos)} entries exceed the cap of {max_files} files{scope}")
         declared = 0
         plan: list[tuple[zipfile.ZipInfo, PurePosixPath]] = []
         for info in infos:
             rel = _check_name(info.filename, name)
             mode = info.external_attr >> 16
             if stat.S_ISLNK(mode):
-                raise UnsafeArchiveError(f"{name}: entry {info.filename!r} is a symbolic link; refusing to extract")
+                raise UnsafeArchiveError(
+                    f"{name}: entry {info.filename!r} is a symbolic link; refusing to extract")
             if mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)) and stat.S_IFMT(mode):
                 raise UnsafeArchiveError(f"{name}: entry {info.filename!r} is not a regular file")
             declared += info.file_size

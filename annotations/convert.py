@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .archive import DEFAULT_MAX_BYTES, DEFAULT_MAX_FILES, ExtractionBudget, safe_extract_zip, single_top_folder
+from .archive import (DEFAULT_MAX_BYTES, DEFAULT_MAX_FILES, ExtractionBudget, safe_extract_zip,
+                      single_top_folder)
 from .errors import AnnotationError, LabelSpaceError, OutputExistsError
 from .label_spaces import LabelSpace, get_label_space
 from .limits import MAX_IMAGE_PIXELS
@@ -283,8 +284,9 @@ class _Input:
         except BaseException:
             self.close()
             raise
-        self.names = dataset_names(self.files, single_top_folder(input) if self.tmp is not None else self.root)
-        self.base = str(input) if self.tmp is not None else (str(self.root) if self.root is not None else None)
+        zipped = self.tmp is not None
+        self.names = dataset_names(self.files, single_top_folder(input) if zipped else self.root)
+        self.base = str(input) if zipped else (str(self.root) if self.root is not None else None)
 
     def close(self) -> None:
         if self.tmp is not None:

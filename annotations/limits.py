@@ -26,8 +26,9 @@ class ImageTooLargeError(ImageLoadError):
     """An image's header declares more pixels than the cap; nothing was decoded."""
 
 
-def check_pixels(width: int, height: int, max_pixels: int | None = MAX_IMAGE_PIXELS, where: str = "image") -> None:
-    """Raise :class:`ImageTooLargeError` when ``width x height`` exceeds ``max_pixels`` (None or 0: no cap)."""
+def check_pixels(width: int, height: int, max_pixels: int | None = MAX_IMAGE_PIXELS,
+                 where: str = "image") -> None:
+    """Raise :class:`ImageTooLargeError` when ``width x height`` exceeds ``max_pixels`` (None, 0: no cap)."""
     width, height = int(width), int(height)
     if max_pixels and width * height > max_pixels:
         raise ImageTooLargeError(f"{where}: {width}x{height} = {width * height:,} pixels exceeds the cap of "

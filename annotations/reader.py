@@ -278,9 +278,9 @@ def read_labelme(path: str | Path, *, root: str | Path | None = None,
             fallback = resolve_image_path(path, PureWindowsPath(image_path).name, root)
             if fallback is None:
                 raise ImageLoadError(
-                    f"{p}: image {image_path!r} not found in the input folder or zip (imagePath must be a "
-                    "relative path to an image inside it, e.g. the image's name when it sits beside the JSON file; "
-                    "or embed the image with labelme's 'Save With Image Data')")
+                    f"{p}: image {image_path!r} not found in the input folder or zip (imagePath must be "
+                    "a relative path to an image inside it, e.g. the image's name when it sits beside the "
+                    "JSON file; or embed the image with labelme's 'Save With Image Data')")
             warnings.append(Issue(p, f"imagePath {image_path!r} not found in the input folder or zip; used "
                                      f"{fallback.name!r} beside the JSON file"))
             candidate = fallback

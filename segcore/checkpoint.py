@@ -84,7 +84,7 @@ class Checkpoint:
 # describe a model of many gigabytes (zero-size or stride-0 tensors, huge channel counts, block20000).
 
 MAX_PARAMETERS = 200_000_000
-"""Values a checkpoint may hold, and parameters a model built from it may have (ResNet-101 DeepLab-v2: 43 M)."""
+"""Values a checkpoint may hold, and parameters a model built from it may have (DeepLab-v2 ResNet-101: 43 M)."""
 MAX_CLASSES = 4096
 MAX_BLOCKS_PER_STAGE = 64
 MAX_WIDTH = 8192
@@ -119,11 +119,13 @@ def check_shapes(shapes: dict, where: str = "checkpoint") -> int:
     for key, shape in shapes.items():
         shape = tuple(int(d) for d in shape)
         if len(shape) > 4:
-            raise CheckpointError(f"{where}: refused: tensor {key} has {len(shape)} dimensions {shape} (at most 4)")
+            raise CheckpointError(
+                f"{where}: refused: tensor {key} has {len(shape)} dimensions {shape} (at most 4)")
         if any(d <= 0 for d in shape):
             raise CheckpointError(f"{where}: refused: tensor {key} has a zero-size shape {shape}")
         if any(d > MAX_DIM for d in shape):
-            raise CheckpointError(f"{where}: refused: tensor {key} of shape {shape} has a dimension over {MAX_DIM}")
+            raise CheckpointError(
+                f"{where}: refused: tensor {key} of shape {shape} has a dimension over {MAX_DIM}")
         m = _INDEXED_KEY.match(key)
         if m:
             cap = MAX_ASPP_BRANCHES - 1 if ".aspp." in key else MAX_BLOCKS_PER_STAGE

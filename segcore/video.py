@@ -264,8 +264,8 @@ def segment_video(segmenter, src, dst, *, opacity: float = 0.5, frame_stride: in
 
         index = 0
         # audio is bounded by the video: its declared end (or max_seconds) and the latest video packet read
-        video_seconds = float(vin.start_time * vin.time_base) if vin.start_time is not None and vin.time_base \
-            else 0.0
+        starts = vin.start_time is not None and vin.time_base is not None
+        video_seconds = float(vin.start_time * vin.time_base) if starts else 0.0
         lengths = [x for x in (info["seconds"], max_seconds) if x is not None]
         video_end = video_seconds + min(lengths) if lengths else None
         try:
