@@ -3,7 +3,14 @@
 See docs/annotations.md.
 """
 
-from .archive import DEFAULT_MAX_BYTES, DEFAULT_MAX_FILES, safe_extract_zip
+from .archive import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_FILES,
+    ExtractionBudget,
+    extracted_zips,
+    safe_extract_zip,
+    single_top_folder,
+)
 from .convert import (
     ConversionReport,
     ConvertedImage,
@@ -35,16 +42,19 @@ from .label_spaces import (
     palette_image,
     voc_colormap,
 )
+from .limits import MAX_IMAGE_PIXELS, ImageTooLargeError, check_pixels, image_size, open_image
 from .mapping import LabelMapping
 from .rasterize import rasterize, shape_to_mask
-from .reader import Issue, LabelmeFile, Shape, apply_exif_orientation, read_labelme
+from .reader import Issue, LabelmeFile, Shape, apply_exif_orientation, read_labelme, resolve_image_path
 
 VOC = get_label_space("voc")
 COCOSTUFF = get_label_space("cocostuff")
 
 __all__ = [
     "AnnotationError", "COCOSTUFF", "ConversionReport", "ConvertedImage", "DEFAULT_MAX_BYTES",
-    "DEFAULT_MAX_FILES", "IGNORE_INDEX", "ImageLoadError", "Issue", "LabelMapping", "LabelSpace",
+    "DEFAULT_MAX_FILES", "ExtractionBudget", "IGNORE_INDEX", "ImageLoadError", "ImageTooLargeError",
+    "MAX_IMAGE_PIXELS", "check_pixels", "extracted_zips", "image_size", "open_image", "resolve_image_path",
+    "single_top_folder", "Issue", "LabelMapping", "LabelSpace",
     "LabelSpaceError", "LabelmeFile", "LabelmeFormatError", "LoadedDataset", "MappingError",
     "OutputExistsError", "Shape", "UnknownLabelError", "UnsafeArchiveError", "VOC",
     "apply_exif_orientation", "builtin_label_space", "colorize", "convert_file", "convert_folder",

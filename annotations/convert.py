@@ -16,9 +16,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .archive import DEFAULT_MAX_BYTES, DEFAULT_MAX_FILES, safe_extract_zip
+from .archive import (DEFAULT_MAX_BYTES, DEFAULT_MAX_FILES, ExtractionBudget, safe_extract_zip,
+                      single_top_folder)
 from .errors import AnnotationError, LabelSpaceError, OutputExistsError
 from .label_spaces import LabelSpace, get_label_space, palette_image
+from .limits import MAX_IMAGE_PIXELS
 from .mapping import LabelMapping
 from .rasterize import rasterize
 from .reader import Issue, LabelmeFile, read_labelme
@@ -126,6 +128,8 @@ class _Options:
     unknown: str
     fill: int
     instances: bool
+    max_pixels: int | None = MAX_IMAGE_PIXELS
+    root: str | None = None  # imagePath must resolve inside this folder (the upload)
 
 
 @dataclass
@@ -141,7 +145,7 @@ class _Result:
 
 
 def _make_options(label_space: str | Path | LabelSpace, mapping: Any, unknown: str, unlabeled: str,
-                  instances: bool) -> _Options:
+                  instances: bool, max_pixels: int | None = MAX_IMAGE_PIXELS) -> _Options:
     space = get_label_space(label_space)
     m = LabelMapping.coerce(mapping)
     m.validate(space)
@@ -155,7 +159,7 @@ def _make_options(label_space: str | Path | LabelSpace, mapping: Any, unknown: s
         fill = space.ignore_index
     else:
         fill = int(space.background_index)  # type: ignore[arg-type]
-    return _Options(space, m, unknown, fill, instances)
+    return _Options(space, m, unknown, fill, instances, max_pixels)
 
 
 def _instance_ids(lf: LabelmeFile) -> list[int]:
@@ -207,13 +211,16 @@ def _convert_loaded(lf: LabelmeFile, name: str, opt: _Options) -> _Result:
 
 
 def convert_file(path: str | Path, label_space: str | Path | LabelSpace = "voc", *, mapping: Any = None,
-                 unknown: str = "error", unlabeled: str = "auto", instances: bool = False) -> ConvertedImage:
+                 unknown: str = "error", unlabeled: str = "auto", instances: bool = False,
+                 root: str | Path | None = None, max_pixels: int | None = MAX_IMAGE_PIXELS) -> ConvertedImage:
     """Convert one labelme file in memory. Raises :class:`AnnotationError` subclasses on bad input
-    (an unknown label raises :class:`UnknownLabelError` when ``unknown="error"``)."""
+    (an unknown label raises :class:`UnknownLabelError` when ``unknown="error"``).
+
+    ``root`` and ``max_pixels`` bound what is read, as in :func:`~annotations.reader.read_labelme`."""
     from .errors import UnknownLabelError
 
-    opt = _make_options(label_space, mapping, unknown, unlabeled, instances)
-    lf = read_labelme(path)
+    opt = _make_options(label_space, mapping, unknown, unlabeled, instances, max_pixels)
+    lf = read_labelme(path, root=root, max_pixels=max_pixels)
     res = _convert_loaded(lf, Path(path).stem, opt)
     if res.converted is None:
         raise UnknownLabelError("; ".join(f"{e['file']}: {e['reason']}" for e in res.errors), tuple(res.unknown))
@@ -260,20 +267,26 @@ def dataset_names(files: Sequence[Path], root: Path | None) -> list[str]:
 
 
 class _Input:
-    """Resolves an input (folder, file list, zip) to JSON files; cleans up a zip's extraction."""
+    """Resolves an input (folder, file list, zip) to JSON files; cleans up a zip's extraction.
 
-    def __init__(self, input: Any, max_zip_bytes: int, max_zip_files: int):
+    A zip holding one top-level folder gives ids counted from inside it (``2011_000003``, not
+    ``data_annotated__2011_000003``); ``base`` is the folder ``imagePath`` must stay inside.
+    """
+
+    def __init__(self, input: Any, budget: ExtractionBudget):
         self.tmp: str | None = None
-        if isinstance(input, (str, os.PathLike)) and Path(input).suffix.lower() == ".zip" and Path(input).is_file():
-            self.tmp = tempfile.mkdtemp(prefix="annotations-zip-")
-            try:
-                safe_extract_zip(input, Path(self.tmp) / "x", max_bytes=max_zip_bytes, max_files=max_zip_files)
-            except BaseException:
-                self.close()
-                raise
-            input = Path(self.tmp) / "x"
-        self.files, self.root = find_label_files(input)
-        self.names = dataset_names(self.files, self.root)
+        try:
+            if isinstance(input, (str, os.PathLike)) and Path(input).suffix.lower() == ".zip" \
+                    and Path(input).is_file():
+                self.tmp = tempfile.mkdtemp(prefix="annotations-zip-")
+                input = safe_extract_zip(input, Path(self.tmp) / "x", budget=budget)
+            self.files, self.root = find_label_files(input)
+        except BaseException:
+            self.close()
+            raise
+        zipped = self.tmp is not None
+        self.names = dataset_names(self.files, single_top_folder(input) if zipped else self.root)
+        self.base = str(input) if zipped else (str(self.root) if self.root is not None else None)
 
     def close(self) -> None:
         if self.tmp is not None:
@@ -306,7 +319,7 @@ def _process(task: tuple[str, str]) -> _Result:
     path, name = task
     opt: _Options = _WORKER["opt"]
     try:
-        lf = read_labelme(path)
+        lf = read_labelme(path, root=opt.root, max_pixels=opt.max_pixels)
     except AnnotationError as e:
         entry: dict[str, Any] = {"file": path, "reason": str(e)}
         if getattr(e, "shape", None) is not None:
@@ -371,14 +384,19 @@ def load_labelme_dataset(input: str | Path | Sequence[str | Path], label_space: 
                          *, mapping: Any = None, unknown: str = "error", unlabeled: str = "auto",
                          instances: bool = False, workers: int | None = 1,
                          max_zip_bytes: int = DEFAULT_MAX_BYTES, max_zip_files: int = DEFAULT_MAX_FILES,
+                         budget: ExtractionBudget | None = None, max_pixels: int | None = MAX_IMAGE_PIXELS,
                          ) -> LoadedDataset:
     """Convert labelme files in memory (no files written).
 
     ``input``: a folder (searched recursively), a JSON file, a list of JSON files, or a ``.zip``.
-    Bad files never stop the batch: they appear in ``result.report.errors``.
+    Bad files never stop the batch: they appear in ``result.report.errors``. A zip is extracted
+    within ``budget`` (shared with the request's other zips; default: ``max_zip_bytes`` /
+    ``max_zip_files`` for this zip alone) and removed before returning; images over ``max_pixels``
+    are per-file errors.
     """
-    opt = _make_options(label_space, mapping, unknown, unlabeled, instances)
-    inp = _Input(input, max_zip_bytes, max_zip_files)
+    opt = _make_options(label_space, mapping, unknown, unlabeled, instances, max_pixels)
+    inp = _Input(input, budget if budget is not None else ExtractionBudget(max_zip_bytes, max_zip_files))
+    opt.root = inp.base
     try:
         report = ConversionReport(opt.space.name, opt.space.class_names, files_total=len(inp.files))
         images = []
@@ -450,26 +468,31 @@ def convert_folder(input: str | Path | Sequence[str | Path], output: str | Path,
                    label_space: str | Path | LabelSpace = "voc", *, mapping: Any = None, unknown: str = "error",
                    unlabeled: str = "auto", instances: bool = False, overwrite: bool = False,
                    workers: int | None = None, max_zip_bytes: int = DEFAULT_MAX_BYTES,
-                   max_zip_files: int = DEFAULT_MAX_FILES,
+                   max_zip_files: int = DEFAULT_MAX_FILES, budget: ExtractionBudget | None = None,
+                   max_pixels: int | None = MAX_IMAGE_PIXELS,
                    progress: Callable[[int, int], None] | None = None) -> ConversionReport:
     """Write a VOC-style dataset to ``output`` and return the report (also ``report.json``).
 
     The dataset is built in a hidden sibling folder and renamed into place at the end, so
     ``output`` never holds a half-written dataset. An existing ``output`` is refused unless
     ``overwrite`` (and even then only if it is empty or looks like a dataset written here).
+    ``budget`` and ``max_pixels`` bound a zip's extraction and every image as in
+    :func:`load_labelme_dataset`.
     """
     output = Path(output)
-    opt = _make_options(label_space, mapping, unknown, unlabeled, instances)
+    opt = _make_options(label_space, mapping, unknown, unlabeled, instances, max_pixels)
     if output.exists():
         if not overwrite:
             raise OutputExistsError(f"{output}: output folder exists (pass overwrite=True / --overwrite)")
         if not output.is_dir() or not _looks_like_dataset(output):
             raise OutputExistsError(f"{output}: exists and does not look like a dataset written by this tool; "
                                     "refusing to overwrite it")
-    inp = _Input(input, max_zip_bytes, max_zip_files)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    inp = _Input(input, budget if budget is not None else ExtractionBudget(max_zip_bytes, max_zip_files))
+    opt.root = inp.base
+    stage: Path | None = None
     try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
         for sub in ("JPEGImages", "SegmentationClass", "SegmentationClassVisualization",
                     "ImageSets/Segmentation") + (("SegmentationObject",) if instances else ()):
             (stage / sub).mkdir(parents=True, exist_ok=True)
@@ -492,7 +515,8 @@ def convert_folder(input: str | Path | Sequence[str | Path], output: str | Path,
         os.replace(stage, output)
         return report
     except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
+        if stage is not None:
+            shutil.rmtree(stage, ignore_errors=True)
         raise
     finally:
         inp.close()

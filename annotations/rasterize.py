@@ -4,6 +4,14 @@
 Drawing shape ``k`` with value ``v`` (fill and outline) over the image is the same as
 labelme's ``cls[shape_to_mask(...)] = v`` because Pillow draws the same pixel set whatever
 the (non-antialiased) value is; shapes are drawn in file order, so later shapes win.
+
+Bounded work for hostile coordinates: Pillow clips polygons, lines, rectangles and points to the
+image row by row (their cost does not grow with the coordinates), but its ellipse walks the whole
+circumference and its integer arithmetic breaks down for radii near a million pixels (a 300-byte
+file with such a circle took 30 s, and larger radii draw garbage). A circle wider than
+:data:`PILLOW_MAX_RADIUS` is therefore drawn from its equation, one span per image row (cost
+proportional to the image's height); every smaller circle, i.e. every circle labelme draws
+faithfully, is drawn by Pillow exactly as labelme does.
 """
 
 from __future__ import annotations
@@ -18,6 +26,29 @@ from .reader import Shape
 
 LINE_WIDTH = 10
 POINT_SIZE = 5
+PILLOW_MAX_RADIUS = 65_536
+"""Largest circle radius handed to Pillow's ellipse (exact and about 2 ms); larger ones are clipped."""
+
+
+def _draw_large_circle(draw: ImageDraw.ImageDraw, cx: float, cy: float, r: float, value: int) -> None:
+    """Fill the circle's pixels one span per image row, clipped to the image first.
+
+    Follows Pillow's own convention (bounding box truncated to integers, the pixel centres within half a
+    pixel beyond it), which agrees with Pillow's ellipse up to a few boundary pixels where both work."""
+    width, height = draw.im.size
+    x0, y0, x1, y1 = int(cx - r), int(cy - r), int(cx + r), int(cy + r)
+    ccx, ccy = (x0 + x1) / 2, (y0 + y1) / 2
+    a, b = (x1 - x0) / 2 + 0.5, (y1 - y0) / 2 + 0.5
+    top, bottom = max(0, math.ceil(ccy - b)), min(height - 1, math.floor(ccy + b))
+    if top > bottom:
+        return
+    rows = np.arange(top, bottom + 1, dtype=np.float64)
+    half = a * np.sqrt(np.maximum(1.0 - ((rows - ccy) / b) ** 2, 0.0))
+    left = np.maximum(np.ceil(ccx - half), 0).astype(np.int64)
+    right = np.minimum(np.floor(ccx + half), width - 1).astype(np.int64)
+    for y, xl, xr in zip(rows.astype(np.int64).tolist(), left.tolist(), right.tolist()):
+        if xl <= xr:
+            draw.rectangle(((xl, y), (xr, y)), fill=value)
 
 
 def _draw(draw: ImageDraw.ImageDraw, shape: Shape, value: int) -> None:
@@ -26,7 +57,10 @@ def _draw(draw: ImageDraw.ImageDraw, shape: Shape, value: int) -> None:
     if t == "circle":
         (cx, cy), (px, py) = xy
         d = math.sqrt((cx - px) ** 2 + (cy - py) ** 2)
-        draw.ellipse(((cx - d, cy - d), (cx + d, cy + d)), outline=value, fill=value)
+        if d > PILLOW_MAX_RADIUS:
+            _draw_large_circle(draw, cx, cy, d, value)
+        else:
+            draw.ellipse(((cx - d, cy - d), (cx + d, cy + d)), outline=value, fill=value)
     elif t == "rectangle":
         (x0, y0), (x1, y1) = xy
         draw.rectangle(((min(x0, x1), min(y0, y1)), (max(x0, x1), max(y0, y1))), outline=value, fill=value)

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import json
 import math
+import os
 from dataclasses import dataclass, field
-from pathlib import Path, PureWindowsPath
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
 
 from .errors import ImageLoadError, LabelmeFormatError
+from .limits import MAX_IMAGE_PIXELS, open_image
 
 SHAPE_TYPES = ("polygon", "rectangle", "circle", "line", "linestrip", "point", "oriented_rectangle", "mask")
 # Exact point counts labelme requires; a different count is ambiguous -> file error.
@@ -121,9 +122,10 @@ def apply_exif_orientation(image: Image.Image) -> Image.Image:
     return image
 
 
-def _decode_image(data: bytes, where: str) -> Image.Image:
+def _decode_image(data: bytes, where: str, max_pixels: int | None) -> Image.Image:
+    """Decode ``data`` after checking its header against ``max_pixels`` (nothing decoded when over)."""
+    img = open_image(data, max_pixels, where)
     try:
-        img = Image.open(io.BytesIO(data))
         img.load()
     except Exception as e:  # PIL raises many types for bad data
         raise ImageLoadError(f"{where}: cannot decode image: {e}") from e
@@ -134,12 +136,14 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def _decode_mask(b64: Any, path: str, i: int) -> np.ndarray:
+def _decode_mask(b64: Any, path: str, i: int, max_pixels: int | None) -> np.ndarray:
     if not isinstance(b64, str):
         raise _shape_error(f"{path}: shape {i}: mask shape needs a base64 PNG in 'mask'", i)
     try:
-        img = Image.open(io.BytesIO(base64.b64decode(b64)))
+        img = open_image(base64.b64decode(b64), max_pixels, f"{path}: shape {i}: mask PNG")
         img.load()
+    except ImageLoadError as e:
+        raise _shape_error(str(e), i) from e
     except Exception as e:
         raise _shape_error(f"{path}: shape {i}: cannot decode mask PNG: {e}", i) from e
     arr = np.asarray(img)
@@ -154,9 +158,11 @@ def _shape_error(message: str, shape: int) -> LabelmeFormatError:
     return err
 
 
-def parse_shape(obj: Any, i: int, path: str, warnings: list[Issue]) -> Shape | None:
+def parse_shape(obj: Any, i: int, path: str, warnings: list[Issue],
+                max_pixels: int | None = MAX_IMAGE_PIXELS) -> Shape | None:
     """Validate one shape. Raises :class:`LabelmeFormatError` for file-level problems; returns
-    ``None`` (with a warning appended) for a degenerate shape that is skipped."""
+    ``None`` (with a warning appended) for a degenerate shape that is skipped. A ``mask`` shape's
+    patch is refused from its header when it has more than ``max_pixels`` pixels."""
     if not isinstance(obj, dict):
         raise _shape_error(f"{path}: shape {i}: not a JSON object", i)
     label = obj.get("label")
@@ -191,7 +197,7 @@ def parse_shape(obj: Any, i: int, path: str, warnings: list[Issue]) -> Shape | N
         warnings.append(Issue(path, f"{shape_type} with {n} point(s) (needs at least "
                                     f"{_MIN_POINTS[shape_type]}) encloses no area; shape skipped", i, label))
         return None
-    mask = _decode_mask(obj.get("mask"), path, i) if shape_type == "mask" else None
+    mask = _decode_mask(obj.get("mask"), path, i, max_pixels) if shape_type == "mask" else None
     flags = obj.get("flags") or {}
     description = obj.get("description") or ""
     group_id = obj.get("group_id")
@@ -203,11 +209,39 @@ def parse_shape(obj: Any, i: int, path: str, warnings: list[Issue]) -> Shape | N
                  other={k: v for k, v in obj.items() if k not in known})
 
 
-def read_labelme(path: str | Path) -> LabelmeFile:
+def _inside(candidate: Path, root: str) -> bool:
+    """Whether ``candidate`` (symbolic links followed) is a file below ``root`` (already resolved)."""
+    real = os.path.realpath(candidate)
+    return os.path.commonpath([root, real]) == root and os.path.isfile(real)
+
+
+def resolve_image_path(json_path: str | Path, image_path: str, root: str | Path | None = None) -> Path | None:
+    """The file ``imagePath`` names, or None when it is not a file inside ``root``.
+
+    ``root`` (default: the JSON file's folder) is the uploaded folder or extracted zip. Absolute
+    paths (POSIX, ``C:\\...``, ``\\\\server``) are never looked up; relative ones (``/`` or ``\\``
+    separators) must stay inside ``root`` once ``..`` and symbolic links are resolved. A path that
+    exists outside ``root`` and one that does not exist at all give the same None, so no caller can
+    tell the two apart (nothing about the server's files leaks into a message).
+    """
+    json_path = Path(json_path)
+    top = os.path.realpath(root if root is not None else json_path.parent)
+    win = PureWindowsPath(image_path)
+    if win.drive or win.root or PurePosixPath(image_path).is_absolute():
+        return None
+    candidate = json_path.parent / win.as_posix()
+    return candidate if _inside(candidate, top) else None
+
+
+def read_labelme(path: str | Path, *, root: str | Path | None = None,
+                 max_pixels: int | None = MAX_IMAGE_PIXELS) -> LabelmeFile:
     """Read a labelme JSON file and its image.
 
-    Raises :class:`LabelmeFormatError` (bad JSON, missing keys, invalid shapes) or
-    :class:`ImageLoadError` (missing/undecodable image, size mismatch).
+    ``root`` bounds where ``imagePath`` may point (default: the JSON file's folder; pass the
+    uploaded folder or extracted zip); see :func:`resolve_image_path`. Images (files or embedded
+    ``imageData``) and ``mask`` patches with more than ``max_pixels`` pixels are refused from their
+    header, before decoding. Raises :class:`LabelmeFormatError` (bad JSON, missing keys, invalid
+    shapes) or :class:`ImageLoadError` (missing/undecodable/oversized image, size mismatch).
     """
     path = Path(path)
     p = str(path)
@@ -234,26 +268,27 @@ def read_labelme(path: str | Path) -> LabelmeFile:
             data = base64.b64decode(image_data)
         except (binascii.Error, ValueError) as e:
             raise ImageLoadError(f"{p}: 'imageData' is not valid base64: {e}") from e
-        img = _decode_image(data, f"{p} (embedded imageData)")
+        img = _decode_image(data, f"{p} (embedded imageData)", max_pixels)
         source = "embedded"
     else:
         if not image_path:
             raise ImageLoadError(f"{p}: no embedded imageData and no imagePath")
-        rel = PureWindowsPath(image_path).as_posix()
-        candidate = path.parent / rel
-        if not candidate.is_file():
-            fallback = path.parent / PureWindowsPath(image_path).name
-            if fallback.is_file():
-                warnings.append(Issue(p, f"imagePath {image_path!r} not found; used {fallback.name!r} "
-                                         "beside the JSON file"))
-                candidate = fallback
-            else:
-                raise ImageLoadError(f"{p}: image file not found: {image_path!r} (looked for {candidate})")
+        candidate = resolve_image_path(path, image_path, root)
+        if candidate is None:
+            fallback = resolve_image_path(path, PureWindowsPath(image_path).name, root)
+            if fallback is None:
+                raise ImageLoadError(
+                    f"{p}: image {image_path!r} not found in the input folder or zip (imagePath must be "
+                    "a relative path to an image inside it, e.g. the image's name when it sits beside the "
+                    "JSON file; or embed the image with labelme's 'Save With Image Data')")
+            warnings.append(Issue(p, f"imagePath {image_path!r} not found in the input folder or zip; used "
+                                     f"{fallback.name!r} beside the JSON file"))
+            candidate = fallback
         try:
             data = candidate.read_bytes()
         except OSError as e:
-            raise ImageLoadError(f"{p}: cannot read image {candidate}: {e}") from e
-        img = _decode_image(data, f"{p} (image {candidate.name})")
+            raise ImageLoadError(f"{p}: cannot read image {candidate.name}: {e}") from e
+        img = _decode_image(data, f"{p} (image {candidate.name})", max_pixels)
         oriented = apply_exif_orientation(img)
         exif_rotated = oriented is not img
         if exif_rotated:
@@ -270,7 +305,7 @@ def read_labelme(path: str | Path) -> LabelmeFile:
 
     shapes: list[Shape] = []
     for i, obj in enumerate(raw["shapes"]):
-        s = parse_shape(obj, i, p, warnings)
+        s = parse_shape(obj, i, p, warnings, max_pixels)
         if s is None:
             continue
         xs = [pt[0] for pt in s.points]

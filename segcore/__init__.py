@@ -1,12 +1,12 @@
 """segcore: DeepLab-v2 ResNet-101 inference, checkpoints, CRF, metrics and evaluation, without UI."""
 
 from .caffe import convert_caffe_file, convert_caffemodel, read_backbone
-from .checkpoint import Checkpoint, load_model, read_checkpoint, save_checkpoint
+from .checkpoint import Checkpoint, load_model, read_checkpoint, save_checkpoint, validate_checkpoint
 from .crf import DenseCRF
 from .datasets import DatasetError, Sample, SegmentationDataset, open_dataset
 from .errors import CheckpointError, DownloadError, ImageError, SegcoreError
 from .evaluate import EvaluationError, EvaluationResult, evaluate
-from .image import load_image, resize_long_side
+from .image import check_image_size, load_image, resize_long_side
 from .metrics import ConfusionMatrix, MetricsError, compute_scores, image_scores, to_json_dict
 from .model import BGR_MEAN, MSC, DeepLabV2, ModelConfig, build_model, msc_forward
 from .segmenter import Prediction, Segmenter, palette_image
@@ -33,5 +33,5 @@ __all__ = [*_REPORT, "DatasetError", "EvaluationError", "EvaluationResult", "Sam
     "BGR_MEAN", "MSC", "REGISTRY", "Checkpoint", "CheckpointError", "DeepLabV2", "DenseCRF", "DownloadError",
     "ImageError", "ModelConfig", "Prediction", "SegcoreError", "Segmenter", "Weights", "build_model",
     "cache_dir", "download", "load_image", "load_model", "msc_forward", "palette_image", "read_checkpoint",
-    "resize_long_side", "save_checkpoint",
+    "resize_long_side", "save_checkpoint", "check_image_size", "validate_checkpoint",
 ]

@@ -80,6 +80,120 @@ class Checkpoint:
         return str(self.path) if self.path else "checkpoint"
 
 
+# ----------------------------------------------------------------------------- bounds
+# A checkpoint is checked from its names and shapes before any model is built: a 1 KB file can
+# describe a model of many gigabytes (zero-size or stride-0 tensors, huge channel counts, block20000).
+
+MAX_PARAMETERS = 200_000_000
+"""Values a checkpoint may hold, and parameters a model built from it may have (DeepLab-v2 ResNet-101: 43 M)."""
+MAX_CLASSES = 4096
+MAX_BLOCKS_PER_STAGE = 64
+MAX_WIDTH = 8192
+MAX_ASPP_BRANCHES = 8
+MAX_ATROUS_RATE = 512
+MAX_DIM = 65536
+"""Largest size of any one tensor dimension."""
+
+_INDEXED_KEY = re.compile(r"^base\.(?:layer[2-5]\.block|aspp\.c)(\d+)\.")
+
+
+def check_storage(state: dict, where: str = "checkpoint") -> None:
+    """Refuse tensors whose storage does not hold their values: stride-0 (expanded) or overlapping
+    views look like huge tensors in a tiny file and would be materialised at full size on loading."""
+    for key, t in state.items():
+        need = t.numel() * t.element_size()
+        have = t.untyped_storage().nbytes() - t.storage_offset() * t.element_size()
+        if need > have:
+            raise CheckpointError(f"{where}: refused: tensor {key} of shape {tuple(t.shape)} is backed by only "
+                                  f"{max(have, 0)} bytes (an expanded or overlapping view, not stored weights)")
+
+
+def check_shapes(shapes: dict, where: str = "checkpoint") -> int:
+    """Check a state dict's names and shapes against sane bounds; returns the number of values.
+
+    Works on ``{name: shape}`` alone (no tensor data), so any head's keys pass through it: refuses
+    zero-size tensors, more than 4 dimensions or a dimension over :data:`MAX_DIM`, block or ASPP
+    branch indices over :data:`MAX_BLOCKS_PER_STAGE` / :data:`MAX_ASPP_BRANCHES`, and more than
+    :data:`MAX_PARAMETERS` values in all.
+    """
+    total = 0
+    for key, shape in shapes.items():
+        shape = tuple(int(d) for d in shape)
+        if len(shape) > 4:
+            raise CheckpointError(
+                f"{where}: refused: tensor {key} has {len(shape)} dimensions {shape} (at most 4)")
+        if any(d <= 0 for d in shape):
+            raise CheckpointError(f"{where}: refused: tensor {key} has a zero-size shape {shape}")
+        if any(d > MAX_DIM for d in shape):
+            raise CheckpointError(
+                f"{where}: refused: tensor {key} of shape {shape} has a dimension over {MAX_DIM}")
+        m = _INDEXED_KEY.match(key)
+        if m:
+            cap = MAX_ASPP_BRANCHES - 1 if ".aspp." in key else MAX_BLOCKS_PER_STAGE
+            if int(m.group(1)) > cap:
+                raise CheckpointError(f"{where}: refused: {key} has index {int(m.group(1))}, over the limit of "
+                                      f"{cap}")
+        n = 1
+        for d in shape:
+            n *= d
+        total += n
+        if total > MAX_PARAMETERS:
+            raise CheckpointError(f"{where}: refused: the checkpoint holds more than {MAX_PARAMETERS:,} values")
+    return total
+
+
+def _conv_bn(cin: int, cout: int, k: int) -> int:
+    return cin * cout * k * k + 4 * cout  # conv weight + BatchNorm weight, bias, running mean and variance
+
+
+def estimate_parameters(arch: dict) -> int:
+    """Values in the state dict of ``build_model(**arch)`` (BatchNorm counters left out), by formula.
+
+    Computed from the numbers alone, so a hostile architecture is measured without building it."""
+    width, blocks = [int(w) for w in arch["width"]], [int(b) for b in arch["n_blocks"]]
+    cin = width[0] // 4
+    total = _conv_bn(3, cin, 7)  # stem
+    for w, n in zip(width, blocks):
+        mid = w // 4
+        block = _conv_bn(mid, mid, 3) + _conv_bn(mid, w, 1)
+        total += _conv_bn(cin, mid, 1) + block + _conv_bn(cin, w, 1)  # first block, with its shortcut
+        total += (n - 1) * (_conv_bn(w, mid, 1) + block)
+        cin = w
+    n_classes, branches = int(arch["n_classes"]), len(arch["atrous_rates"])
+    return total + branches * (cin * n_classes * 9 + n_classes)
+
+
+_SLACK = 1_000_000
+
+
+def check_architecture(arch: dict, values: int, where: str = "checkpoint") -> int:
+    """Refuse an architecture outside sane bounds, or one whose model would need far more values than
+    the checkpoint holds (``values``; it could never load strictly, and building it first would cost
+    memory out of proportion to the file). Returns the estimated size."""
+    problems = []
+    if not 1 <= int(arch["n_classes"]) <= MAX_CLASSES:
+        problems.append(f"{arch['n_classes']} classes (1..{MAX_CLASSES})")
+    if not all(1 <= int(b) <= MAX_BLOCKS_PER_STAGE for b in arch["n_blocks"]):
+        problems.append(f"blocks per stage {tuple(arch['n_blocks'])} (1..{MAX_BLOCKS_PER_STAGE})")
+    if not all(4 <= int(w) <= MAX_WIDTH for w in arch["width"]):
+        problems.append(f"stage widths {tuple(arch['width'])} (4..{MAX_WIDTH})")
+    rates = tuple(arch["atrous_rates"])
+    if not 1 <= len(rates) <= MAX_ASPP_BRANCHES or not all(
+            isinstance(r, int) and not isinstance(r, bool) and 1 <= r <= MAX_ATROUS_RATE for r in rates):
+        problems.append(f"atrous rates {rates} (1..{MAX_ASPP_BRANCHES} integers in 1..{MAX_ATROUS_RATE})")
+    if problems:
+        raise CheckpointError(f"{where}: refused: the architecture it describes is out of bounds: "
+                              + "; ".join(problems))
+    size = estimate_parameters(arch)
+    if size > MAX_PARAMETERS:
+        raise CheckpointError(f"{where}: refused: it describes a model of {size:,} parameters "
+                              f"(limit {MAX_PARAMETERS:,})")
+    if size > 2 * values + _SLACK:  # near misses are left to the strict loader, which lists every key
+        raise CheckpointError(f"{where}: refused: it describes a model of {size:,} parameters but holds only "
+                              f"{values:,} values; it cannot be a complete checkpoint of that model")
+    return size
+
+
 def normalize_keys(state_dict: dict) -> dict:
     """Strip ``module.`` prefixes (DataParallel/DDP) and add the ``base.`` prefix where it is missing."""
     out = {}
@@ -156,6 +270,8 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     payload = read_checkpoint_file(path)
     tensors, meta = payload["state_dict"], payload["meta"]
     state = normalize_keys(tensors)
+    check_shapes({k: tuple(v.shape) for k, v in state.items()}, str(path))
+    check_storage(state, str(path))
     if "base.aspp.c0.weight" not in state:
         raise CheckpointError(f"{path}: not a DeepLab-v2 checkpoint: no 'base.aspp.c0.weight' "
                               f"(first keys: {', '.join(list(state)[:5])})")
@@ -210,13 +326,25 @@ def load_state_strict(model: MSC, state: dict, where: str = "checkpoint") -> Non
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in full.items()}, strict=True)
 
 
+def validate_checkpoint(checkpoint) -> Checkpoint:
+    """Read and check a checkpoint (path, registry name or :class:`Checkpoint`) without building a model.
+
+    Raises :class:`CheckpointError` for anything :func:`load_model` would refuse before building: unsafe
+    pickles, non-tensors, hostile shapes and out-of-bounds architectures. Cheap enough to run on every
+    upload before it is kept."""
+    ckpt = resolve_checkpoint(checkpoint)
+    values = check_shapes({k: tuple(v.shape) for k, v in ckpt.state_dict.items()}, ckpt._where())
+    check_architecture(ckpt.architecture(), values, ckpt._where())
+    return ckpt
+
+
 def load_model(checkpoint, *, device="cpu", scales=None) -> MSC:
     """Build the model a checkpoint describes and load it: fp32, eval mode, on ``device``.
 
     ``checkpoint`` is a path, a registry name (``voc12``, ``cocostuff164k``, ``cocostuff10k``;
     fetched into the cache if needed) or a :class:`Checkpoint`.
     """
-    ckpt = resolve_checkpoint(checkpoint)
+    ckpt = validate_checkpoint(checkpoint)  # bounds checked before build_model allocates anything
     kwargs = ckpt.architecture()
     if scales is not None:
         kwargs["scales"] = tuple(scales)

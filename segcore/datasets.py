@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from annotations import IGNORE_INDEX
+from annotations.limits import MAX_IMAGE_PIXELS, ImageTooLargeError, check_pixels
 
 from .errors import SegcoreError
 
@@ -120,12 +122,18 @@ def read_label(path, *, what: str = "label") -> np.ndarray:
     if not path.is_file():
         raise DatasetError(f"{path}: {what} file not found")
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():  # the cap below decides, not Pillow's DecompressionBombWarning
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        with img:
+            check_pixels(*img.size, MAX_IMAGE_PIXELS, str(path))  # from the header, before decoding
             img.load()
             mode = img.mode
             arr = np.asarray(img)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise DatasetError(f"{path}: cannot read the {what} image ({exc})") from exc
+    except ImageTooLargeError as exc:
+        raise DatasetError(str(exc)) from exc
     if mode in ("P", "L"):
         return np.ascontiguousarray(arr, dtype=np.uint8)
     if mode == "1":
@@ -226,6 +234,15 @@ class SegmentationDataset:
         return (f"{type(self).__name__}({self.name!r}, format={self.format!r}, split={self.split!r}, "
                 f"{len(self)} images)")
 
+    def close(self) -> None:
+        """Release what opening the dataset made (a labelme zip's extraction); nothing for folders."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()  # at once, on success or failure: not left to garbage collection
+
     # -- loading ---------------------------------------------------------------------------------
 
     def _read_label(self, item: _Item) -> np.ndarray:
@@ -269,10 +286,12 @@ class LabelmeDataset(SegmentationDataset):
     format = "labelme"
 
     def __init__(self, *args, mapping=None, unknown: str = "error", tmp: str | None = None, display_root=None,
-                 **kwargs):
+                 upload_root=None, max_pixels: int | None = MAX_IMAGE_PIXELS, **kwargs):
         super().__init__(*args, **kwargs)
         self.mapping = mapping
         self.unknown = unknown
+        self.upload_root = upload_root  # imagePath may not point outside it (the folder or extracted zip)
+        self.max_pixels = max_pixels
         self._tmp = tmp
         self._display_root = display_root
         self._finalizer = weakref.finalize(self, shutil.rmtree, tmp, True) if tmp else None
@@ -303,7 +322,8 @@ class LabelmeDataset(SegmentationDataset):
 
         try:
             conv = annotations.convert_file(item.label, self.label_space, mapping=self.mapping,
-                                            unknown=self.unknown)
+                                            unknown=self.unknown, root=self.upload_root,
+                                            max_pixels=self.max_pixels)
         except annotations.AnnotationError as exc:
             message = str(exc)
             if self._tmp is not None:
@@ -497,7 +517,7 @@ def _open_cocostuff164k(path: Path, split: str | None, space) -> SegmentationDat
     return CocoStuff164kDataset(path.name, path, items, space.class_names, split=split, label_space=space)
 
 
-def _open_labelme(path: Path, space, mapping, unknown: str) -> SegmentationDataset:
+def _open_labelme(path: Path, space, mapping, unknown: str, budget=None, max_pixels=None) -> SegmentationDataset:
     import annotations
 
     space = space or _space("voc")
@@ -514,23 +534,26 @@ def _open_labelme(path: Path, space, mapping, unknown: str) -> SegmentationDatas
     if path.is_file() and path.suffix.lower() == ".zip":
         tmp = tempfile.mkdtemp(prefix="segcore-labelme-")
         try:
-            annotations.safe_extract_zip(path, tmp)
+            annotations.safe_extract_zip(path, tmp, budget=budget)
         except annotations.AnnotationError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             raise DatasetError(str(exc)) from exc
         folder = Path(tmp)
     try:
-        files, _ = annotations.find_label_files(folder)
+        files, top = annotations.find_label_files(folder)
         if not files:
             raise _layout_error(path, "no labelme .json files found", "labelme")
     except BaseException:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    # the converter's ids (sub-folders joined by "__"), counted from the folder the user gave
-    items = [_Item(n, None, f) for n, f in zip(annotations.dataset_names(files, folder), files)]
+    # the converter's ids (sub-folders joined by "__"), counted from the folder the user gave or, in a
+    # zip of one folder, from inside that folder
+    ids_root = annotations.single_top_folder(folder) if tmp else folder
+    items = [_Item(n, None, f) for n, f in zip(annotations.dataset_names(files, ids_root), files)]
     return LabelmeDataset(path.stem if tmp else path.name, path, items, space.class_names, label_space=space,
-                          mapping=mapping, unknown=unknown, tmp=tmp, display_root=str(path))
+                          mapping=mapping, unknown=unknown, tmp=tmp, display_root=str(path), upload_root=top,
+                          max_pixels=MAX_IMAGE_PIXELS if max_pixels is None else max_pixels)
 
 
 def _mask_files(folder: Path) -> dict[str, Path]:
@@ -585,7 +608,7 @@ def detect_format(path) -> str:
 
 
 def open_dataset(path, format: str = "auto", *, split: str | None = None, label_space=None, mapping=None,
-                 unknown: str = "error", predictions=None) -> SegmentationDataset:
+                 unknown: str = "error", predictions=None, budget=None, max_pixels=None) -> SegmentationDataset:
     """Open a dataset folder (or labelme ``.zip``) for reading.
 
     ``format``: auto, voc, cocostuff10k, cocostuff164k, labelme or masks (``predictions`` is then the
@@ -594,6 +617,11 @@ def open_dataset(path, format: str = "auto", *, split: str | None = None, label_
     the dataset has none, and is what labelme files are converted against (default VOC) with
     ``mapping``/``unknown`` as in ``annotations``. Raises :class:`DatasetError` for a missing or
     empty dataset or an unknown layout; bad single files raise only when their item is read.
+
+    For uploads: ``budget`` (an ``annotations.ExtractionBudget`` shared by the request) bounds a
+    labelme zip's extraction, ``max_pixels`` caps labelme images (default ``annotations.MAX_IMAGE_PIXELS``),
+    and ``imagePath`` never leaves the folder or zip. Use ``with open_dataset(...) as ds:`` so a zip's
+    extraction is removed as soon as the work ends or fails.
     """
     if format not in FORMATS:
         raise DatasetError(f"{path}: unknown dataset format {format!r}; use one of {', '.join(FORMATS)}")
@@ -610,5 +638,5 @@ def open_dataset(path, format: str = "auto", *, split: str | None = None, label_
     if format == "cocostuff164k":
         return _open_cocostuff164k(path, split, space)
     if format == "labelme":
-        return _open_labelme(path, space, mapping, unknown)
+        return _open_labelme(path, space, mapping, unknown, budget, max_pixels)
     return _open_masks(path, predictions, space)

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from annotations.limits import MAX_IMAGE_PIXELS  # one cap for every image source (annotations owns it)
+
 from .errors import ImageError
 
-MAX_IMAGE_PIXELS = 50_000_000
-"""Default cap on width x height; larger images are refused before they are decoded."""
 MIN_SIDE = 8
 """Smallest accepted side: anything smaller holds too little to segment."""
 
@@ -40,6 +40,27 @@ def load_image(source, *, max_pixels: int | None = MAX_IMAGE_PIXELS, name: str |
         array = _from_pil(image)
     _check_size((array.shape[1], array.shape[0]), max_pixels, where)
     return array
+
+
+def check_image_size(source, *, max_pixels: int | None = MAX_IMAGE_PIXELS, name: str | None = None
+                     ) -> tuple[int, int]:
+    """``(width, height)`` of ``source`` read from its header alone, or :class:`ImageError` when over
+    ``max_pixels`` or under the smallest side. Nothing is decoded: call it on a frame (path, bytes,
+    file object, lazily opened PIL image or array) before decoding or segmenting it; a file object is
+    returned to its position."""
+    where = name or (str(source) if isinstance(source, (str, Path)) else type(source).__name__)
+    if isinstance(source, np.ndarray):
+        size = (source.shape[1], source.shape[0]) if source.ndim >= 2 else (0, 0)
+    else:
+        start = source.tell() if hasattr(source, "seek") and hasattr(source, "tell") else None
+        image = _open(source, where)
+        size = image.size
+        if start is not None:  # a file object is left where it was, ready to be decoded
+            source.seek(start)
+        elif image is not source:
+            image.close()
+    _check_size(size, max_pixels, where)
+    return size
 
 
 def _open(source, where: str) -> Image.Image:

@@ -3,7 +3,9 @@
 :func:`segment_video` decodes the input frame by frame, runs every ``frame_stride``-th frame through the
 Segmenter in batches of ``batch_size``, blends the class colours over each frame and encodes the result as
 H.264 (libx264, yuv420p) at the input's size, time stamps and frame rate. The audio stream, when there is
-one, is copied packet for packet (re-encoded to AAC when the output container cannot hold its codec).
+one, is copied packet for packet (re-encoded to AAC when the output container cannot hold its codec), but
+only as far as the video goes: see :func:`audio_packet_wanted` (a 1-frame video with hours of audio gives a
+1-frame output with about a second of audio, not hours).
 
 Memory does not grow with the video's length: at most ``batch_size * frame_stride + 1`` decoded frames are
 held at a time (the frames waiting for their batch), and encoded packets go straight to the muxer.
@@ -29,11 +31,15 @@ import numpy as np
 import torch
 
 from .errors import SegcoreError
-from .image import resize_long_side
+from .image import MAX_IMAGE_PIXELS, resize_long_side
 from .segmenter import blend_overlay
 
 # audio codecs an MP4/MOV file can carry as they are; anything else is re-encoded to AAC there
 _MP4_AUDIO = {"aac", "mp3", "alac", "ac3", "eac3", "opus", "flac"}
+AUDIO_LEAD_SECONDS = 10.0
+"""How far audio may run ahead of the video packets read so far (ffmpeg's default interleaving delta)."""
+AUDIO_TAIL_SECONDS = 0.5
+"""How far audio may run past the video's declared duration."""
 
 
 class VideoError(SegcoreError):
@@ -108,6 +114,23 @@ def _describe(container, src: Path) -> dict:
             "audio": bool(container.streams.audio)}
 
 
+def audio_packet_wanted(seconds: float, video_seconds: float, video_end: float | None = None) -> bool:
+    """Whether an audio packet starting at ``seconds`` is copied: not more than
+    :data:`AUDIO_LEAD_SECONDS` past the latest video packet read (``video_seconds``), nor more than
+    :data:`AUDIO_TAIL_SECONDS` past ``video_end`` (the declared end of the video, or of ``max_seconds``)."""
+    limit = video_seconds + AUDIO_LEAD_SECONDS
+    if video_end is not None:
+        limit = min(limit, video_end + AUDIO_TAIL_SECONDS)
+    return seconds <= limit
+
+
+def _packet_seconds(packet) -> float | None:
+    stamp = packet.pts if packet.pts is not None else packet.dts
+    if stamp is None or packet.time_base is None:
+        return None
+    return float(stamp * packet.time_base)
+
+
 def _check_limits(info: dict, src: Path, max_seconds, max_frames, max_pixels) -> None:
     if max_pixels is not None and info["width"] * info["height"] > max_pixels:
         raise VideoError(f"{src}: frames of {info['width']}x{info['height']} exceed the cap of "
@@ -155,7 +178,7 @@ def segment_video(segmenter, src, dst, *, opacity: float = 0.5, frame_stride: in
                   progress: Callable[[int, int | None], None] | None = None,
                   cancel: Callable[[], bool] | None = None,
                   max_seconds: float | None = None, max_frames: int | None = None,
-                  max_pixels: int | None = None) -> VideoResult:
+                  max_pixels: int | None = MAX_IMAGE_PIXELS) -> VideoResult:
     """Segment every frame of ``src`` and write the colour overlay video to ``dst`` (H.264, audio kept).
 
     ``frame_stride`` k runs the model on every k-th frame and shows its labels on the frames in between;
@@ -163,7 +186,9 @@ def segment_video(segmenter, src, dst, *, opacity: float = 0.5, frame_stride: in
     (p = a·p_prev + (1−a)·p_new; 0 turns it off); ``batch_size`` frames go through the model together.
     ``progress(done, total)`` is called after every batch (``total`` None when the container does not
     say); ``cancel()`` is checked between batches and raises :class:`VideoCancelled`. The limits are
-    checked before any work starts and raise :class:`VideoError`.
+    checked on the container's header before any frame is decoded and raise :class:`VideoError`
+    (``max_pixels`` defaults to the image cap); a frame whose decoded size differs from the header's is
+    refused before its RGB conversion.
     """
     import av
 
@@ -238,15 +263,29 @@ def segment_video(segmenter, src, dst, *, opacity: float = 0.5, frame_stride: in
                 progress(done, total)
 
         index = 0
+        # audio is bounded by the video: its declared end (or max_seconds) and the latest video packet read
+        starts = vin.start_time is not None and vin.time_base is not None
+        video_seconds = float(vin.start_time * vin.time_base) if starts else 0.0
+        lengths = [x for x in (info["seconds"], max_seconds) if x is not None]
+        video_end = video_seconds + min(lengths) if lengths else None
         try:
             streams = [s for s in (vin, ain) if s is not None]
             for packet in container.demux(*streams):
+                t = _packet_seconds(packet)
                 if packet.stream.type == "audio":
-                    _write_audio(output, packet, aout, resampler)
+                    if t is not None and audio_packet_wanted(t, video_seconds, video_end):
+                        _write_audio(output, packet, aout, resampler)
                     continue
+                if t is not None:
+                    video_seconds = max(video_seconds, t)
                 for frame in packet.decode():
                     if max_frames is not None and index >= max_frames:
                         raise VideoError(f"{src}: more than the limit of {max_frames} frames")
+                    if (frame.width, frame.height) != (info["width"], info["height"]):
+                        # checked before the RGB conversion: the header's size is what the limits allowed
+                        raise VideoError(f"{src}: frame {index} is {frame.width}x{frame.height} but the stream "
+                                         f"declares {info['width']}x{info['height']}; size changes mid-stream "
+                                         "are not supported")
                     rgb = frame.to_ndarray(format="rgb24")[:height, :width]
                     pts = frame.pts
                     if pts is None or (last_pts is not None and pts <= last_pts):

@@ -326,8 +326,8 @@ def test_zip_input(tmp_path):
     generate_folder(src, 3, seed=6, size=(32, 24))
     z = _zip_folder(src, tmp_path / "in.zip")
     r = A.load_labelme_dataset(z, "voc")
-    assert r.report.ok and len(r) == 3 and sorted(c.name for c in r) == ["data__img_0000", "data__img_0001",
-                                                                         "data__img_0002"]
+    # one top-level folder (what zipping a folder gives): ids as in the folder itself (issue 15)
+    assert r.report.ok and len(r) == 3 and sorted(c.name for c in r) == ["img_0000", "img_0001", "img_0002"]
     rep = A.convert_folder(z, tmp_path / "out", workers=2)
     assert rep.ok and len(list((tmp_path / "out/SegmentationClass").iterdir())) == 3
 

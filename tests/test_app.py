@@ -345,7 +345,8 @@ def test_convert_zip(client, tmp_path):
         top = names[0].split("/")[0]
         assert f"{top}/class_names.txt" in names and f"{top}/ImageSets/Segmentation/all.txt" in names
         for i in range(3):
-            mask = Image.open(io.BytesIO(zf.read(f"{top}/SegmentationClass/annotations__img_000{i}.png")))
+            # the zip holds one folder, annotations/: ids as in that folder (issue 15)
+            mask = Image.open(io.BytesIO(zf.read(f"{top}/SegmentationClass/img_000{i}.png")))
             assert mask.mode == "P"
             expected = annotations.convert_file(tmp_path / "labelme_2" / f"img_000{i}.json", "voc").class_map
             np.testing.assert_array_equal(np.asarray(mask), expected)

@@ -177,7 +177,7 @@ def test_labelme_folder_and_zip_match_the_converter(tmp_path):
         for p in sorted(folder.iterdir()):
             z.write(p, f"set/{p.name}")
     zds = open_dataset(tmp_path / "lm.zip")
-    assert [s.name for s in zds] == ["set__img0", "set__img1"]
+    assert [s.name for s in zds] == ["img0", "img1"]  # a zip of one folder: ids as in the folder (issue 15)
     assert np.array_equal(zds[1].label, ds[1].label)
     tmp = zds._tmp
     zds.close()
