@@ -142,3 +142,52 @@ def test_a_file_holding_the_other_head_fails_with_the_keys_listed(tmp_path, keys
     # loading into a model built with the other head directly fails the same way
     with pytest.raises(CheckpointError, match="missing keys"):
         load_state_strict(tiny_model(5, aspp=says), tiny_model(5, aspp=keys).state_dict())
+
+
+def test_a_v3_checkpoint_serves_predict_evaluate_and_video(tmp_path):
+    import subprocess
+    import sys
+
+    import numpy as np
+    from factories import scene_image
+    from PIL import Image
+    from test_video import make_video, read_video
+
+    from segcore import Segmenter, evaluate, open_dataset, segment_video
+
+    ckpt = tiny_checkpoint(tmp_path / "v3.pth", n_classes=21, seed=4, aspp="v3")
+    seg = Segmenter.from_pretrained(ckpt, scales=(), test_size=65, device="cpu", precision="fp32")
+    assert seg.n_classes == 21 and seg.model.config.aspp == "v3"
+    images = [scene_image(60, 80, seed=s) for s in range(3)]
+    preds = [seg.predict(img).label_map for img in images]
+    assert len(set(np.concatenate([p.ravel() for p in preds]).tolist())) > 1
+
+    # predict (the CLI): the masks are the Segmenter's
+    Image.fromarray(images[0]).save(tmp_path / "a.png")
+    proc = subprocess.run([sys.executable, "-m", "segcore", "predict", str(tmp_path / "a.png"), "--weights",
+                           str(ckpt), "--test-size", "65", "--scales", "--precision", "fp32", "--out",
+                           str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out/a_mask.png")), preds[0])
+
+    # evaluation: labels made from other predictions, so the IoUs are known by hand
+    root = tmp_path / "voc"
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (root / sub).mkdir(parents=True)
+    label = preds[1].copy()
+    label[:20] = 0
+    Image.fromarray(images[1]).save(root / "JPEGImages/x.jpg", quality=100)
+    Image.fromarray(label.astype(np.uint8)).save(root / "SegmentationClass/x.png")
+    (root / "ImageSets/Segmentation/val.txt").write_text("x\n")
+    result = evaluate(seg, open_dataset(root, "voc", split="val"), progress=False, distributed=False)
+    pred = seg.predict(np.asarray(Image.open(root / "JPEGImages/x.jpg").convert("RGB"))).label_map
+    ious = [((pred == k) & (label == k)).sum() / ((pred == k) | (label == k)).sum()
+            for k in range(21) if (label == k).any()]  # the project's protocol: classes in the ground truth
+    assert result.scores["mean_iou"] == pytest.approx(np.mean(ious))
+
+    # video: with opacity 1 the frames are the colour maps of the image pipeline
+    src = make_video(tmp_path / "in.mp4", frames=4, size=(96, 64), fps=4)
+    res = segment_video(seg, src, tmp_path / "out.mp4", opacity=1.0, batch_size=2)
+    (_, _, _, _, _, inputs), (_, _, _, _, _, outputs) = read_video(src), read_video(res.path)
+    for rgb, out in zip(inputs, outputs):
+        assert np.abs(out.astype(int) - seg.predict(rgb).colorize().astype(int)).mean() < 12
