@@ -191,3 +191,16 @@ def test_a_v3_checkpoint_serves_predict_evaluate_and_video(tmp_path):
     (_, _, _, _, _, inputs), (_, _, _, _, _, outputs) = read_video(src), read_video(res.path)
     for rgb, out in zip(inputs, outputs):
         assert np.abs(out.astype(int) - seg.predict(rgb).colorize().astype(int)).mean() < 12
+
+
+def test_benchmark_counts_the_heads_cost_as_derived_by_hand():
+    from benchmarks.bench_aspp import model_cost
+
+    positions = 65 * 65  # 513 at output stride 8
+    v2_macs = 4 * 2048 * 9 * 21 * positions
+    v3_macs = (2048 * 256 + 3 * 2048 * 9 * 256 + 5 * 256 * 256 + 256 * 21) * positions + 2048 * 256  # + pooled
+    v2, v3 = model_cost("v2"), model_cost("v3")
+    assert v2["head_gflop_513"] == round(2 * v2_macs / 1e9, 1)
+    assert v3["head_gflop_513"] == round(2 * v3_macs / 1e9, 1)
+    assert v3["gflop_513"] - v2["gflop_513"] == pytest.approx(2 * (v3_macs - v2_macs) / 1e9, abs=0.2)
+    assert v3["parameters"] - v3["head_parameters"] == v2["parameters"] - v2["head_parameters"]
