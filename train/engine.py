@@ -6,8 +6,9 @@ Protocol, following kazuto1011/deeplab-pytorch ``main.py``:
   weight decay; ASPP weights at 10x with weight decay; ASPP biases at 20x with weight decay 0. The
   backbone's BatchNorm is frozen (eval mode, ``requires_grad=False``) and in no group.
 * The v3 head (``model.aspp: v3``) trains its BatchNorm: its scales at 10x and its shifts with the
-  biases at 20x, neither with weight decay; under DDP its running statistics follow rank 0's
-  (``broadcast_buffers``), or all processes' batches with ``model.sync_bn`` (SyncBatchNorm, CUDA only).
+  biases at 20x, neither with weight decay; under DDP its running statistics are rank 0's, sent to every
+  process after each update (with ``model.sync_bn``, SyncBatchNorm on CUDA, they come from all
+  processes' batches).
 * Poly lr: iteration ``i`` (1-based) uses ``lr * (1 - s / max_iter) ** power`` with
   ``s = lr_step * floor((i - 1) / lr_step)``; that is the reference's ``PolynomialLR(step_size=10)``
   stepped with ``scheduler.step(epoch=iteration)`` after each update (it changes the lr only when
@@ -106,6 +107,17 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict]
         {"params": aspp_b, "lr": 20 * lr, "weight_decay": 0.0, "name": "aspp_bias", "lr_mult": 20.0},
     ] + ([{"params": aspp_norm, "lr": 10 * lr, "weight_decay": 0.0, "name": "aspp_norm", "lr_mult": 10.0}]
          if aspp_norm else [])
+
+
+def share_head_statistics(model: nn.Module, info: "DistInfo") -> None:
+    """Rank 0's running statistics of the head's BatchNorm to every process.
+
+    Each process updates its own from its own batch; without this the ranks would validate with
+    different statistics than the checkpoint (rank 0's) holds.
+    """
+    if info.enabled:
+        for buffer in model.base.aspp.buffers():
+            dist.broadcast(buffer, 0)
 
 
 def sync_head_bn(model: nn.Module, info: "DistInfo", device: torch.device) -> nn.Module:
@@ -525,10 +537,8 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, info: DistInfo,
 
     ddp = model
     if info.enabled:
-        # only the v3 head's BatchNorm buffers change; rank 0's then reach every process at each forward
         ddp = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None,
-            broadcast_buffers=cfg.model.aspp == "v3")
+            model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
 
     train_set = TrainSet(train_ds, n_classes, scales=cfg.data.scales, crop_size=cfg.data.crop_size,
                          mean_bgr=cfg.data.mean_bgr, flip=cfg.data.flip)
@@ -604,6 +614,8 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, info: DistInfo,
                                  f"updated and training stopped; {kept}. Lower solver.lr or check the data.")
             scaler.step(optimizer)
             scaler.update()
+            if cfg.model.aspp == "v3":
+                share_head_statistics(model, info)
             done = it + 1
             window_loss += loss_value
             window_n += 1

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from segcore.aspp_v3 import ASPPv3
 from segcore.checkpoint import classifier_key, head_of, normalize_keys, resolve_checkpoint, state_mismatch
 from segcore.errors import CheckpointError
 
@@ -24,7 +25,7 @@ def reset_classifier(model: nn.Module) -> None:
     The v3 head is initialised fresh as a whole (its own ``reset_parameters``).
     """
     aspp = model.base.aspp
-    if hasattr(aspp, "reset_parameters"):
+    if isinstance(aspp, ASPPv3):
         aspp.reset_parameters()
         return
     for conv in aspp.children():
