@@ -18,14 +18,27 @@ from pathlib import Path
 import torch
 
 from .caffe_convert import convert_caffemodel
+from .aspp_v3 import V3_CHANNELS
 from .errors import CheckpointError
-from .model import DEFAULT_RATES, MSC, build_model
+from .model import HEADS, MSC, build_model, default_rates
 
 META_KEY = "segcore"
 """safetensors metadata key (and dict key in ``.pth`` files) holding the JSON metadata."""
 
 _BLOCK_KEY = re.compile(r"^base\.layer([2-5])\.block(\d+)\.")
 _ASPP_KEY = re.compile(r"^base\.aspp\.c(\d+)\.weight$")
+_V3_BRANCH_KEY = re.compile(r"^base\.aspp\.c(\d+)\.conv\.weight$")
+V3_CLASSIFIER_KEY = "base.aspp.classifier.weight"
+
+
+def head_of(state: dict) -> str:
+    """Which ASPP head a state dict holds, from its keys: "v3" has ``base.aspp.classifier``, "v2" does not."""
+    return "v3" if V3_CLASSIFIER_KEY in state else "v2"
+
+
+def classifier_key(state: dict) -> str:
+    """The key whose first dimension is the class count: the v2 head's first branch or v3's classifier."""
+    return V3_CLASSIFIER_KEY if head_of(state) == "v3" else "base.aspp.c0.weight"
 
 
 @dataclass
@@ -38,7 +51,7 @@ class Checkpoint:
 
     @property
     def n_classes(self) -> int:
-        return int(self.state_dict["base.aspp.c0.weight"].shape[0])
+        return int(self.state_dict[classifier_key(self.state_dict)].shape[0])
 
     @property
     def class_names(self) -> list[str] | None:
@@ -57,11 +70,17 @@ class Checkpoint:
         if min(blocks) == 0:
             raise CheckpointError(f"{self._where()}: no blocks found for stages {[i + 2 for i, b in enumerate(blocks) if not b]}"
                                   " (expected keys like base.layer2.block1.reduce.conv.weight)")
-        n_branches = len([k for k in sd if _ASPP_KEY.match(k)])
-        rates = tuple(self.meta.get("atrous_rates") or DEFAULT_RATES[:n_branches])
-        if len(rates) != n_branches:
-            raise CheckpointError(f"{self._where()}: {n_branches} ASPP branches but no atrous rates for them "
-                                  "(the published models have 4: rates 6, 12, 18, 24)")
+        found = head_of(sd)
+        # the head the file records wins: one that says v3 and holds v2 keys fails strict loading, keys listed
+        head = self.meta.get("aspp") if self.meta.get("aspp") in HEADS else found
+        if found == "v3":  # c0 is the 1x1 branch; c1.. are the atrous ones
+            n_branches = len([k for k in sd if _V3_BRANCH_KEY.match(k)]) - 1
+        else:
+            n_branches = len([k for k in sd if _ASPP_KEY.match(k)])
+        rates = tuple(self.meta.get("atrous_rates") or default_rates(head)[:n_branches])
+        if len(rates) != n_branches and found == head:
+            raise CheckpointError(f"{self._where()}: {n_branches} atrous ASPP branches but no atrous rates for "
+                                  "them (the published models have 4: rates 6, 12, 18, 24)")
         width = []
         for stage in range(2, 6):
             key = f"base.layer{stage}.block1.increase.conv.weight"
@@ -74,6 +93,7 @@ class Checkpoint:
             "atrous_rates": rates,
             "stride_in_1x1": bool(self.meta.get("stride_in_1x1", True)),
             "width": tuple(width),
+            "aspp": head,
         }
 
     def _where(self) -> str:
@@ -159,8 +179,12 @@ def estimate_parameters(arch: dict) -> int:
         total += _conv_bn(cin, mid, 1) + block + _conv_bn(cin, w, 1)  # first block, with its shortcut
         total += (n - 1) * (_conv_bn(w, mid, 1) + block)
         cin = w
-    n_classes, branches = int(arch["n_classes"]), len(arch["atrous_rates"])
-    return total + branches * (cin * n_classes * 9 + n_classes)
+    n_classes, rates = int(arch["n_classes"]), len(arch["atrous_rates"])
+    if arch.get("aspp", "v2") == "v3":  # 1x1 + one 3x3 per rate + image pool, projection, classifier
+        c = V3_CHANNELS
+        head = _conv_bn(cin, c, 1) * 2 + rates * _conv_bn(cin, c, 3) + _conv_bn(c * (rates + 2), c, 1)
+        return total + head + c * n_classes + n_classes
+    return total + rates * (cin * n_classes * 9 + n_classes)
 
 
 _SLACK = 1_000_000
@@ -272,9 +296,10 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     state = normalize_keys(tensors)
     check_shapes({k: tuple(v.shape) for k, v in state.items()}, str(path))
     check_storage(state, str(path))
-    if "base.aspp.c0.weight" not in state:
+    if "base.aspp.c0.weight" not in state and V3_CLASSIFIER_KEY not in state:
         raise CheckpointError(f"{path}: not a DeepLab-v2 checkpoint: no 'base.aspp.c0.weight' "
-                              f"(first keys: {', '.join(list(state)[:5])})")
+                              f"(nor the v3 head's '{V3_CLASSIFIER_KEY}'; first keys: "
+                              f"{', '.join(list(state)[:5])})")
     return Checkpoint(state, dict(meta), path)
 
 
@@ -321,7 +346,9 @@ def load_state_strict(model: MSC, state: dict, where: str = "checkpoint") -> Non
     expected = model.state_dict()
     problems = state_mismatch(expected, state)
     if problems:
-        raise CheckpointError(f"{where} does not match the DeepLab-v2 architecture:\n{problems}")
+        head, found = getattr(getattr(model, "config", None), "aspp", "v2"), head_of(state)
+        heads = f" (the model has the {head} ASPP head, the file's keys are a {found} head's)" if head != found else ""
+        raise CheckpointError(f"{where} does not match the DeepLab-v2 architecture{heads}:\n{problems}")
     full = {k: state.get(k, expected[k]) for k in expected}
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in full.items()}, strict=True)
 

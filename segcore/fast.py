@@ -9,7 +9,8 @@ stay exactly the reference's. Every accelerated path works on a *private copy* b
 * **CPU**: the ResNet's weights in bfloat16 when the CPU has native bf16 dot products (AVX512-BF16 or
   AMX), run as oneDNN convolutions with the ReLU and the residual add fused in (fp32 accumulation inside
   each conv); the ASPP classifier and everything after it stay fp32, which keeps the class scores' last
-  sums in full precision, with its filters padded to a channel count oneDNN runs well; ``fp32-fused``
+  sums in full precision, with its filters padded to a channel count oneDNN runs well (the v3 head runs
+  as its BN-folded fp32 module: its classifier sees 256 channels, not 2048); ``fp32-fused``
   (``auto`` on CPUs without native bf16) runs the same structure with fp32 weights;
 * **CUDA**: autocast to bf16 (fp16 where the GPU lacks bf16) with ``cudnn.benchmark``.
 
@@ -29,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from .model import ConvBnReLU, msc_forward
+from .model import ASPP, ConvBnReLU, msc_forward
 
 
 @functools.lru_cache(maxsize=1)
@@ -248,7 +249,7 @@ class _CpuModel(nn.Module):
     def __init__(self, folded: nn.Module, dtype: torch.dtype):
         super().__init__()
         self.resnet = _FusedResNet(folded, dtype)
-        self.aspp = _PaddedASPP(folded.aspp)
+        self.aspp = _PaddedASPP(folded.aspp) if isinstance(folded.aspp, ASPP) else folded.aspp
 
     def forward(self, x):
         return self.aspp(self.resnet(x).float())

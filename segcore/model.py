@@ -3,7 +3,8 @@
 Module names mirror the checkpoints released by kazuto1011/deeplab-pytorch
 (``base.layer2.block1.reduce.conv.weight`` ...), so those state dicts load
 without any renaming: ``layer1`` is the stem, ``layer2``-``layer5`` are the four
-residual stages and ``aspp`` holds the four dilated classifiers.
+residual stages and ``aspp`` holds the four dilated classifiers. ``aspp="v3"`` swaps in the
+improved head of :mod:`segcore.aspp_v3` (BatchNorm and image pooling) on the same backbone.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ DEFAULT_RATES = (6, 12, 18, 24)
 DEFAULT_SCALES = (0.5, 0.75)
 STAGE_CHANNELS = (256, 512, 1024, 2048)
 BN_EPS = 1e-5
+HEADS = ("v2", "v3")
+"""ASPP heads: v2, the published ASPP-L (default); v3, BatchNorm in the branches plus image pooling."""
 
 
 @dataclass(frozen=True)
@@ -36,14 +39,18 @@ class ModelConfig:
     """MSRA/Caffe bottleneck (stride in the first 1x1); False gives torchvision's (stride in the 3x3)."""
     width: tuple[int, ...] = field(default=STAGE_CHANNELS)
     """Output channels of the four stages; the stem has a quarter of the first (64 in ResNet-101)."""
+    aspp: str = "v2"
+    """Which ASPP head (see ``HEADS``)."""
 
     def __post_init__(self):
         if self.n_classes < 1:
             raise ValueError(f"n_classes must be positive, got {self.n_classes}")
         if len(self.n_blocks) != 4 or min(self.n_blocks) < 1:
             raise ValueError(f"n_blocks needs four positive counts, got {self.n_blocks}")
-        if not self.atrous_rates:
-            raise ValueError("atrous_rates must name at least one rate")
+        if not self.atrous_rates or min(self.atrous_rates) < 1:
+            raise ValueError(f"atrous_rates must name at least one positive rate, got {self.atrous_rates}")
+        if self.aspp not in HEADS:
+            raise ValueError(f"aspp must be one of {', '.join(HEADS)}, got {self.aspp!r}")
         if len(self.width) != 4 or min(self.width) < 4 or any(c % 4 for c in self.width):
             raise ValueError(f"width needs four channel counts divisible by 4, got {self.width}")
         if any(s <= 0 for s in self.scales):
@@ -106,6 +113,10 @@ class ASPP(nn.Module):
             nn.init.normal_(conv.weight, mean=0, std=0.01)
             nn.init.constant_(conv.bias, 0)
 
+    @property
+    def n_classes(self) -> int:
+        return self.c0.out_channels
+
     def forward(self, x):
         convs = list(self.children())
         out = convs[0](x)
@@ -127,7 +138,24 @@ class DeepLabV2(nn.Sequential):
         self.add_module("layer3", ResLayer(config.n_blocks[1], w[0], w[1], 2, 1, s1))
         self.add_module("layer4", ResLayer(config.n_blocks[2], w[1], w[2], 1, 2, s1))
         self.add_module("layer5", ResLayer(config.n_blocks[3], w[2], w[3], 1, 4, s1))
-        self.add_module("aspp", ASPP(w[3], config.n_classes, config.atrous_rates))
+        self.add_module("aspp", make_head(config, w[3]))
+
+
+def make_head(config: ModelConfig, in_ch: int) -> nn.Module:
+    if config.aspp == "v3":
+        from .aspp_v3 import ASPPv3  # it builds on this module's ConvBnReLU
+
+        return ASPPv3(in_ch, config.n_classes, config.atrous_rates)
+    return ASPP(in_ch, config.n_classes, config.atrous_rates)
+
+
+def default_rates(aspp: str = "v2") -> tuple[int, ...]:
+    """The head's atrous rates when none are given: 6, 12, 18, 24 (ASPP-L) for v2; 6, 12, 18 for v3."""
+    if aspp == "v3":
+        from .aspp_v3 import V3_RATES
+
+        return V3_RATES
+    return DEFAULT_RATES
 
 
 class MSC(nn.Module):
@@ -165,13 +193,17 @@ def msc_forward(base: nn.Module, x: torch.Tensor, scales, *, training: bool = Fa
     return logits_max
 
 
-def build_model(n_classes: int = 21, *, n_blocks=RESNET101_BLOCKS, atrous_rates=DEFAULT_RATES,
-                scales=DEFAULT_SCALES, stride_in_1x1: bool = True, width=STAGE_CHANNELS) -> MSC:
+def build_model(n_classes: int = 21, *, n_blocks=RESNET101_BLOCKS, atrous_rates=None,
+                scales=DEFAULT_SCALES, stride_in_1x1: bool = True, width=STAGE_CHANNELS, aspp: str = "v2") -> MSC:
     """Build an (untrained) DeepLab-v2 MSC model.
 
     The forward pass takes Bx3xHxW float tensors in BGR order with ``BGR_MEAN``
-    subtracted and returns logits at output stride 8.
+    subtracted and returns logits at output stride 8. ``aspp`` picks the head (``HEADS``);
+    ``atrous_rates`` defaults to that head's rates (:func:`default_rates`).
     """
+    if atrous_rates is None:
+        atrous_rates = default_rates(aspp)
     config = ModelConfig(int(n_classes), tuple(int(b) for b in n_blocks), tuple(int(r) for r in atrous_rates),
-                         tuple(float(s) for s in scales), bool(stride_in_1x1), tuple(int(c) for c in width))
+                         tuple(float(s) for s in scales), bool(stride_in_1x1), tuple(int(c) for c in width),
+                         str(aspp))
     return MSC(DeepLabV2(config), config.scales, config)

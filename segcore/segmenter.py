@@ -169,7 +169,7 @@ class Segmenter:
 
     @property
     def n_classes(self) -> int:
-        return int(self.model.base.aspp.c0.out_channels)
+        return int(self.model.base.aspp.n_classes)
 
     def with_options(self, **changes) -> "Segmenter":
         """A Segmenter sharing this one's model with some options changed (scales, crf, test_size, ...)."""

@@ -37,17 +37,18 @@ def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return module
 
 
-def tiny_model(n_classes: int = 21, seed: int = 0, scales=(0.5, 0.75)):
+def tiny_model(n_classes: int = 21, seed: int = 0, scales=(0.5, 0.75), aspp: str = "v2"):
     from segcore import build_model
 
-    return randomize_(build_model(n_classes, n_blocks=TINY_BLOCKS, width=TINY_WIDTH, scales=scales), seed)
+    return randomize_(build_model(n_classes, n_blocks=TINY_BLOCKS, width=TINY_WIDTH, scales=scales, aspp=aspp),
+                      seed)
 
 
-def tiny_checkpoint(path, n_classes: int = 21, seed: int = 0, meta: dict | None = None):
+def tiny_checkpoint(path, n_classes: int = 21, seed: int = 0, meta: dict | None = None, aspp: str = "v2"):
     """Write a tiny random checkpoint in the published key layout (``base.layer...``) and return its path."""
     from segcore.checkpoint import save_checkpoint
 
-    model = tiny_model(n_classes, seed)
+    model = tiny_model(n_classes, seed, aspp=aspp)
     if meta is None:
         torch.save(model.state_dict(), path)
         return path

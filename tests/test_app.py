@@ -189,6 +189,20 @@ def test_checkpoint_upload(client, tmp_path):
     assert ">c" in legend  # the checkpoint's own class names
 
 
+def test_v3_checkpoint_upload_segments_like_the_segmenter(client, tmp_path):
+    # issue 20: a checkpoint with the improved ASPP head runs in the app unchanged
+    ckpt = tiny_checkpoint(tmp_path / "mine_v3.pth", seed=6, aspp="v3", meta={"aspp": "v3"})
+    weights, status = call(client, "/upload_checkpoint", handle_file(str(ckpt)), "auto", None)
+    assert weights == "mine_v3.pth (uploaded)" and "21 classes" in status
+    rgb = scene_image(48, 64, seed=2)
+    src = tmp_path / "v3.png"
+    Image.fromarray(rgb).save(src)
+    mask = call(client, "/segment_image", handle_file(str(src)), weights, False, False, TEST_SIZE, 0.5)[3]
+    expected = tiny_segmenter(ckpt).predict(rgb).label_map
+    assert len(np.unique(expected)) > 1
+    np.testing.assert_array_equal(np.asarray(Image.open(mask)), expected)
+
+
 # ----------------------------------------------------------------------------- video
 
 

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -36,3 +38,22 @@ def test_int8_agreement_script_reports_both_recipes():
     result = json.loads(run.stdout)
     for key in ("aspp_fp32", "aspp_int8"):
         assert 0 < result[key]["agreement_min"] <= result[key]["agreement_mean"] <= 1
+
+
+def test_aspp_voc_comparison_script_runs_both_heads_end_to_end(tmp_path):
+    # the GPU/VOC script on the generated smoke data: the same steps (train, evaluate, compare) on a CPU
+    sets = ["solver.iterations=4", "data.synthetic.n_train=8", "data.synthetic.n_val=2", "log.val_every=0",
+            "log.progress=false", "log.tensorboard=false"]
+    run = subprocess.run([sys.executable, "-m", "benchmarks.compare_aspp_voc", "--out", str(tmp_path),
+                          "--config", "train/configs/smoke.yaml", "--iterations", "4",
+                          *[a for s in sets for a in ("--set", s)]],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads((tmp_path / "comparison.json").read_text())
+    assert sorted(result) == ["v2", "v3"]
+    for aspp in ("v2", "v3"):
+        scores = json.loads((tmp_path / aspp / "evaluation/scores.json").read_text())
+        assert result[aspp]["mean_iou"] == scores["mean_iou"]
+        assert yaml.safe_load((tmp_path / aspp / "config.yaml").read_text())["model"]["aspp"] == aspp
+    assert result["v3"]["parameters"] > result["v2"]["parameters"]
+    assert "| v3 |" in (tmp_path / "comparison.md").read_text()

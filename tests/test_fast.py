@@ -30,8 +30,9 @@ def _images():
     return [scene_image(150, 200, seed=s) for s in range(3)]
 
 
-def test_bn_folding_matches_unfolded_in_fp32():
-    model = tiny_model(21, seed=1).eval()
+@pytest.mark.parametrize("aspp", ["v2", "v3"])
+def test_bn_folding_matches_unfolded_in_fp32(aspp):
+    model = tiny_model(21, seed=1, aspp=aspp).eval()
     folded = fold_batchnorm(model.base)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.base.modules())  # original untouched
@@ -62,14 +63,15 @@ def test_fp32_path_keeps_the_original_model_and_numerics():
     assert torch.equal(seg.logits(x), expected)
 
 
+@pytest.mark.parametrize("aspp", ["v2", "v3"])
 @pytest.mark.parametrize("fused", [True, False], ids=["fused-kernels", "plain-kernels"])
 @pytest.mark.parametrize("scales", [(), (0.5, 0.75)])
-def test_cpu_bf16_path_agrees_with_fp32(scales, fused, monkeypatch):
+def test_cpu_bf16_path_agrees_with_fp32(scales, fused, aspp, monkeypatch):
     import segcore.fast
 
     if not fused:  # the path a PyTorch build without oneDNN's fused convolutions takes
         monkeypatch.setattr(segcore.fast, "fused_conv_supported", lambda: False)
-    model = tiny_model(21, seed=4)
+    model = tiny_model(21, seed=4, aspp=aspp)
     fp32 = _segmenter(model, "fp32", scales=scales, test_size=129)
     fast = _segmenter(model, "bf16", scales=scales, test_size=129, batch_size=3)
     assert isinstance(fast.fast_path(), FastPath)
@@ -167,10 +169,11 @@ def test_physical_cores_count_hyperthread_siblings_once():
     assert count_physical_cores("processor : x", {0, 1}) == 2
 
 
+@pytest.mark.parametrize("aspp", ["v2", "v3"])
 @pytest.mark.parametrize("scales", [(), (0.5, 0.75)])
-def test_fp32_fused_path_gives_the_fp32_answers(scales):
+def test_fp32_fused_path_gives_the_fp32_answers(scales, aspp):
     # the path CPUs without bf16 take under "auto": same arithmetic, fused kernels, folded BN, padded ASPP
-    model = randomize_(build_model(21, n_blocks=TINY_BLOCKS, width=TINY_WIDTH), seed=9).eval()
+    model = randomize_(build_model(21, n_blocks=TINY_BLOCKS, width=TINY_WIDTH, aspp=aspp), seed=9).eval()
     fused = FastPath(model.base, torch.device("cpu"), "fp32-fused")
     assert isinstance(fused.model, segcore_fast._CpuModel)
     x = torch.randn(2, 3, 97, 81) * 60

@@ -22,10 +22,10 @@ from segcore.video import AUDIO_TAIL_SECONDS, audio_packet_wanted, segment_video
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _published_keys(n_classes=21, blocks=(3, 4, 23, 3), width=(256, 512, 1024, 2048)) -> dict:
+def _published_keys(n_classes=21, blocks=(3, 4, 23, 3), width=(256, 512, 1024, 2048), aspp="v2", rates=None) -> dict:
     """``{name: shape}`` of a model, read from the meta device (nothing allocated)."""
     with torch.device("meta"):
-        model = build_model(n_classes, n_blocks=blocks, width=width)
+        model = build_model(n_classes, n_blocks=blocks, width=width, aspp=aspp, atrous_rates=rates)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
@@ -128,13 +128,14 @@ def test_shapes_and_architecture_bounds():
             check_shapes(shapes)
 
 
+@pytest.mark.parametrize("aspp,rates", [("v2", (6, 12, 18, 24)), ("v3", (6, 12, 18)), ("v3", (4, 8))])
 @pytest.mark.parametrize("blocks,width,classes", [(TINY_BLOCKS, TINY_WIDTH, 4), ((3, 4, 23, 3), (256, 512, 1024, 2048), 21),
                                                   ((2, 1, 3, 2), (32, 64, 128, 256), 182)])
-def test_estimated_size_is_the_model_size(blocks, width, classes):
+def test_estimated_size_is_the_model_size(blocks, width, classes, aspp, rates):
     """The formula (what runs before building) against the model's own state dict on the meta device."""
-    shapes = _published_keys(classes, blocks, width)
+    shapes = _published_keys(classes, blocks, width, aspp, rates)
     real = sum(int(np.prod(s)) for k, s in shapes.items() if not k.endswith("num_batches_tracked"))
-    arch = {"n_classes": classes, "n_blocks": blocks, "atrous_rates": (6, 12, 18, 24), "width": width}
+    arch = {"n_classes": classes, "n_blocks": blocks, "atrous_rates": rates, "width": width, "aspp": aspp}
     assert estimate_parameters(arch) == real
 
 

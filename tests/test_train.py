@@ -65,6 +65,43 @@ def test_set_overrides_use_yaml_values_never_eval():
         config_from_dict({}, ["solver.iterations"])
 
 
+def test_head_options_are_validated():
+    data = {"data": {"synthetic": {"enabled": True}}}
+    assert config_from_dict(data).model.atrous_rates == [6, 12, 18, 24]
+    assert config_from_dict(data, ["model.aspp=v3"]).model.atrous_rates == [6, 12, 18]
+    assert config_from_dict(data, ["model.aspp=v3", "model.atrous_rates=[2, 4]"]).model.atrous_rates == [2, 4]
+    with pytest.raises(train.ConfigError, match="model.aspp must be v2 or v3"):
+        config_from_dict(data, ["model.aspp=v4"])
+    with pytest.raises(train.ConfigError, match="atrous_rates"):
+        config_from_dict(data, ["model.aspp=v3", "model.atrous_rates=[0, 4]"])
+    with pytest.raises(train.ConfigError, match="solver.batch_size is 1 .*at least 2 images per process"):
+        config_from_dict(data, ["model.aspp=v3", "solver.batch_size=1"])
+    with pytest.raises(train.ConfigError, match="model.sync_bn needs model.aspp: v3"):
+        config_from_dict(data, ["model.sync_bn=true"])
+    for name in ("smoke_v3", "labelme_finetune"):
+        cfg = train.load_config(f"train/configs/{name}.yaml", ["model.aspp=v3"])
+        assert cfg.model.aspp == "v3"
+
+
+def test_sync_bn_converts_the_head_only_and_needs_cuda():
+    from train.engine import DistInfo, sync_head_bn
+
+    model = tiny_model(4, aspp="v3")
+    assert sync_head_bn(model, DistInfo(), torch.device("cpu")) is model  # one process: nothing to sync
+    assert not any(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
+    with pytest.raises(train.ConfigError, match="SyncBatchNorm runs on CUDA"):
+        sync_head_bn(model, DistInfo(rank=0, world_size=2), torch.device("cpu"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    sync_head_bn(model, DistInfo(rank=0, world_size=2), torch.device("cuda", 0))  # conversion itself is CPU-only
+    kinds = {n: type(m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    assert all((t is nn.SyncBatchNorm) == ("aspp" in n) for n, t in kinds.items())
+    assert sum(t is nn.SyncBatchNorm for t in kinds.values()) == 6
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in after)
+    train.set_train_mode(model)
+    assert model.base.aspp.project.bn.training and model.base.aspp.project.bn.weight.requires_grad
+
+
 def test_shipped_configs_load_and_match_the_reference_protocol():
     for name in ("voc12", "cocostuff10k"):
         cfg = train.load_config(f"train/configs/{name}.yaml")
@@ -74,7 +111,7 @@ def test_shipped_configs_load_and_match_the_reference_protocol():
             (20000, 5, 2, 0.9, 2.5e-4, 5e-4, 321)
         assert cfg.data.scales == [0.5, 0.75, 1.0, 1.25, 1.5]
         assert cfg.model.n_classes == {"voc12": 21, "cocostuff10k": 182}[name]
-    for name in ("cocostuff164k", "labelme_finetune", "smoke"):
+    for name in ("cocostuff164k", "labelme_finetune", "smoke", "smoke_v3"):
         train.load_config(f"train/configs/{name}.yaml")
 
 
@@ -98,6 +135,71 @@ def test_param_groups_match_reference_get_params():
     opt = torch.optim.SGD(groups, lr=0.01, momentum=0.9)
     engine.set_lr(opt, 0.01, 0.5)
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.005, 0.05, 0.1])
+
+
+def test_v3_param_groups_put_the_head_bn_at_10x_and_20x_without_weight_decay():
+    model = tiny_model(5, aspp="v3")
+    groups = {g["name"]: g for g in train.param_groups(model, 0.01, 5e-4)}
+    aspp = model.base.aspp
+    units = [*aspp.branches(), aspp.image_pool, aspp.project]
+    ids = {name: [id(p) for p in g["params"]] for name, g in groups.items()}
+    assert ids["aspp_weight"] == [id(u.conv.weight) for u in units] + [id(aspp.classifier.weight)]
+    assert sorted(ids["aspp_bias"]) == sorted([id(u.bn.bias) for u in units] + [id(aspp.classifier.bias)])
+    assert ids["aspp_norm"] == [id(u.bn.weight) for u in units]
+    expected = {"backbone": (0.01, 5e-4), "aspp_weight": (0.1, 5e-4), "aspp_bias": (0.2, 0.0),
+                "aspp_norm": (0.1, 0.0)}
+    assert {n: (pytest.approx(g["lr"]), g["weight_decay"]) for n, g in groups.items()} == expected
+    backbone_bn = {id(p) for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d) and "aspp" not in n
+                   for p in m.parameters()}
+    in_groups = [id(p) for g in groups.values() for p in g["params"]]
+    assert len(in_groups) == len(set(in_groups)) and not backbone_bn & set(in_groups)
+    assert set(in_groups) | backbone_bn == {id(p) for p in model.parameters()}
+    assert "aspp_norm" not in {g["name"] for g in train.param_groups(tiny_model(5), 0.01, 5e-4)}  # v2 as before
+
+
+def test_v3_head_bn_trains_while_the_backbone_bn_stays_frozen():
+    torch.manual_seed(0)
+    model = train.set_train_mode(tiny_model(4, aspp="v3"))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.SGD(train.param_groups(model, 0.01, 5e-4), lr=0.01, momentum=0.9)
+    x = torch.randn(2, 3, 33, 33) * 50
+    # training-mode head BN normalises with this batch's statistics: check one unit against them
+    captured = {}
+
+    def keep(name):
+        def hook(module, inputs, output):
+            captured.setdefault(name, output.detach())  # the first call's: the 1.0 scale of the first step
+        return hook
+
+    unit = model.base.aspp.project
+    unit.conv.register_forward_hook(keep("conv"))
+    unit.bn.register_forward_hook(keep("bn"))
+    for _ in range(2):
+        opt.zero_grad()
+        train.msc_loss(model(x), torch.randint(0, 4, (2, 33, 33))).backward()
+        opt.step()
+    y = captured["conv"]
+    mean, var = y.mean(dim=(0, 2, 3)), y.var(dim=(0, 2, 3), unbiased=False)
+    gamma, beta = state["base.aspp.project.bn.weight"], state["base.aspp.project.bn.bias"]
+    expected = (y - mean[:, None, None]) / torch.sqrt(var[:, None, None] + 1e-5) * gamma[:, None, None] \
+        + beta[:, None, None]
+    torch.testing.assert_close(captured["bn"], expected, rtol=1e-4, atol=1e-4)
+    after = model.state_dict()
+    for k, v in after.items():
+        if ".bn." in k and ".aspp." not in k:
+            assert torch.equal(v, state[k]), k  # backbone BN: statistics and affine terms untouched
+    for part in ("running_mean", "running_var", "weight", "bias"):
+        for unit in ("c0", "c2", "image_pool", "project"):
+            key = f"base.aspp.{unit}.bn.{part}"
+            assert not torch.equal(after[key], state[key]), key
+    assert int(after["base.aspp.project.bn.num_batches_tracked"]) == 2 * 3  # 3 MSC scales per step
+    for name, m in model.named_modules():
+        if isinstance(m, nn.BatchNorm2d):
+            assert m.training == ("aspp" in name), name
+    # after validation (eval mode) training mode comes back with the same split
+    model.eval()
+    train.set_train_mode(model)
+    assert model.base.aspp.project.bn.training and not model.base.layer2.block1.reduce.bn.training
 
 
 def test_batchnorm_is_frozen_during_training_steps():
@@ -248,6 +350,28 @@ def test_torchvision_weights_convert_to_our_layout():
     assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4)
 
 
+def test_v2_checkpoint_initialises_a_v3_backbone_with_a_fresh_head(tmp_path, capsys):
+    from factories import tiny_checkpoint
+
+    path = tiny_checkpoint(tmp_path / "pub.pth", n_classes=21, seed=1)
+    file_sd = load_pth(path)
+    torch.manual_seed(0)
+    model = tiny_model(21, aspp="v3", seed=5)
+    info = train.initialise(model, str(path), "checkpoint")
+    assert "v3 ASPP head is initialised fresh" in info["head"] and "its ASPP head is v2" in info["head"]
+    sd = model.state_dict()
+    assert all(torch.equal(sd[k], v) for k, v in file_sd.items() if ".aspp." not in k)
+    head = model.base.aspp
+    assert (head.project.bn.weight == 1).all() and (head.project.bn.running_var == 1).all()
+    assert (head.classifier.bias == 0).all() and 0.008 < head.classifier.weight.std().item() < 0.012
+    # the trainer says so in its log
+    cfg = tiny_cfg(model={"aspp": "v3", "init": {"path": str(path), "format": "checkpoint"}},
+                   data={"class_names": [f"c{i}" for i in range(21)]}, solver={"iterations": 1})
+    train.train(cfg, tmp_path / "run")
+    assert "backbone from" in capsys.readouterr().err
+    assert load_pth(tmp_path / "run/checkpoints/final.pth")["meta"]["init"]["classifier"] == "re-initialised"
+
+
 def test_initialise_from_files(tmp_path):
     from factories import tiny_checkpoint
     from segcore import build_model
@@ -286,14 +410,23 @@ def test_initialise_from_files(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------- runs in-process
-def test_interrupted_and_resumed_run_ends_with_identical_weights(tmp_path):
-    straight = train.train(tiny_cfg(), tmp_path / "a")
+@pytest.mark.parametrize("aspp", ["v2", "v3"])
+def test_interrupted_and_resumed_run_ends_with_identical_weights(tmp_path, aspp):
+    def cfg(**sections):
+        return tiny_cfg(model={"aspp": aspp}, **sections)
+
+    straight = train.train(cfg(), tmp_path / "a")
     assert straight.status == "finished" and straight.iteration == 6
-    half = train.train(tiny_cfg(runtime={"device": "cpu", "stop_after": 3}), tmp_path / "b")
+    half = train.train(cfg(runtime={"device": "cpu", "stop_after": 3}), tmp_path / "b")
     assert half.status == "stopped" and half.iteration == 3
     assert load_pth(tmp_path / "b/checkpoints/last.pth")["train_state"]["iteration"] == 3
     assert not (tmp_path / "b/checkpoints/final.pth").exists()
-    resumed = train.train(tiny_cfg(), tmp_path / "b", resume=True)
+    if aspp == "v2":  # a run saved before the head options existed still resumes
+        last = load_pth(tmp_path / "b/checkpoints/last.pth")
+        for key in ("aspp", "sync_bn"):
+            del last["meta"]["config"]["model"][key]
+        torch.save(last, tmp_path / "b/checkpoints/last.pth")
+    resumed = train.train(cfg(), tmp_path / "b", resume=True)
     assert resumed.status == "finished" and resumed.iteration == 6
     a = load_pth(tmp_path / "a/checkpoints/final.pth")["state_dict"]
     b = load_pth(tmp_path / "b/checkpoints/final.pth")["state_dict"]
@@ -314,10 +447,11 @@ def test_interrupted_and_resumed_run_ends_with_identical_weights(tmp_path):
     assert model.meta["class_names"] == ["background", "disc", "square", "triangle"]
     assert model.meta["atrous_rates"] == [1, 2] and model.meta["stride_in_1x1"] is True
     assert model.meta["config"]["solver"]["iterations"] == 6
+    assert model.meta["aspp"] == model.config.aspp == aspp
     with pytest.raises(train.TrainError, match="already holds a run"):
-        train.train(tiny_cfg(), tmp_path / "b")
+        train.train(cfg(), tmp_path / "b")
     with pytest.raises(train.ConfigError, match="solver.lr"):
-        train.train(tiny_cfg(solver={"lr": 0.5}), tmp_path / "b", resume=True)
+        train.train(cfg(solver={"lr": 0.5}), tmp_path / "b", resume=True)
 
 
 def test_non_finite_loss_stops_with_last_good_checkpoint(tmp_path, monkeypatch):

@@ -32,7 +32,12 @@ class ModelSection:
     """None: the number of class names (data.class_names or the dataset's)."""
     n_blocks: list[int] = field(default_factory=lambda: [3, 4, 23, 3])
     width: list[int] = field(default_factory=lambda: [256, 512, 1024, 2048])
-    atrous_rates: list[int] = field(default_factory=lambda: [6, 12, 18, 24])
+    aspp: str = "v2"
+    """The ASPP head: v2 (the published ASPP-L) or v3 (BatchNorm in the branches plus image pooling)."""
+    atrous_rates: list[int] | None = None
+    """One rate per atrous branch; None: the head's default (v2: 6, 12, 18, 24; v3: 6, 12, 18)."""
+    sync_bn: bool = False
+    """v3 under DDP: the head's BatchNorm uses statistics over all processes' images (SyncBatchNorm, CUDA)."""
     msc_scales: list[float] = field(default_factory=lambda: [0.5, 0.75])
     stride_in_1x1: bool = True
     init: InitSection = field(default_factory=InitSection)
@@ -185,6 +190,7 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
             raise ConfigError(msg)
 
     m, d, s, lg, r = cfg.model, cfg.data, cfg.solver, cfg.log, cfg.runtime
+    _validate_head(m, s)
     need(m.n_classes is None or m.n_classes >= 1, "model.n_classes must be positive")
     need(len(m.n_blocks) == 4 and min(m.n_blocks) >= 1, "model.n_blocks needs four positive counts")
     need(len(m.width) == 4 and all(w >= 4 and w % 4 == 0 for w in m.width),
@@ -218,6 +224,23 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError("model.init.format torchvision needs model.stride_in_1x1: false "
                           "(torchvision's bottleneck strides in the 3x3 convolution)")
     return cfg
+
+
+def _validate_head(m: ModelSection, s: SolverSection) -> None:
+    """The ASPP head's options; fills in the head's default atrous rates."""
+    from segcore.model import HEADS, default_rates
+
+    if m.aspp not in HEADS:
+        raise ConfigError(f"model.aspp must be {' or '.join(HEADS)}, got {m.aspp!r}")
+    if m.atrous_rates is None:
+        m.atrous_rates = list(default_rates(m.aspp))
+    if m.sync_bn and m.aspp != "v3":
+        raise ConfigError("model.sync_bn needs model.aspp: v3 (the v2 model's BatchNorms are all frozen, "
+                          "so there are no batch statistics to synchronise)")
+    if m.aspp == "v3" and s.batch_size < 2:
+        raise ConfigError(f"solver.batch_size is {s.batch_size} but model.aspp: v3 trains its BatchNorm on "
+                          "batch statistics, which need at least 2 images per process; set solver.batch_size "
+                          ">= 2 (solver.iter_size accumulates more)")
 
 
 def parse_override(text: str) -> tuple[list[str], object]:

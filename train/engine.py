@@ -3,8 +3,12 @@
 Protocol, following kazuto1011/deeplab-pytorch ``main.py``:
 
 * SGD, momentum 0.9. Groups as the reference ``get_params``: backbone conv weights at the base lr with
-  weight decay; ASPP weights at 10x with weight decay; ASPP biases at 20x with weight decay 0. BatchNorm
-  is frozen (eval mode, ``requires_grad=False``) and in no group.
+  weight decay; ASPP weights at 10x with weight decay; ASPP biases at 20x with weight decay 0. The
+  backbone's BatchNorm is frozen (eval mode, ``requires_grad=False``) and in no group.
+* The v3 head (``model.aspp: v3``) trains its BatchNorm: its scales at 10x and its shifts with the
+  biases at 20x, neither with weight decay; under DDP its running statistics are rank 0's, sent to every
+  process after each update (with ``model.sync_bn``, SyncBatchNorm on CUDA, they come from all
+  processes' batches).
 * Poly lr: iteration ``i`` (1-based) uses ``lr * (1 - s / max_iter) ** power`` with
   ``s = lr_step * floor((i - 1) / lr_step)``; that is the reference's ``PolynomialLR(step_size=10)``
   stepped with ``scheduler.step(epoch=iteration)`` after each update (it changes the lr only when
@@ -56,10 +60,17 @@ CHECKPOINT_FORMAT = 1
 
 
 # ------------------------------------------------------------------------------------------------ protocol
+def _in_head(name: str) -> bool:
+    return "aspp" in name
+
+
 def freeze_bn(model: nn.Module) -> nn.Module:
-    """BatchNorm layers to eval mode (running stats stay put) with their affine parameters frozen."""
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+    """The backbone's BatchNorm layers to eval mode (running stats stay put), affine parameters frozen.
+
+    BatchNorm in the ASPP head (the v3 head's) keeps training.
+    """
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not _in_head(name):
             m.eval()
             for p in m.parameters():
                 p.requires_grad_(False)
@@ -72,12 +83,19 @@ def set_train_mode(model: nn.Module) -> nn.Module:
 
 
 def param_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict]:
-    """The reference ``get_params`` groups: [backbone convs 1x, ASPP weights 10x, ASPP biases 20x (wd 0)]."""
-    backbone, aspp_w, aspp_b = [], [], []
+    """The reference ``get_params`` groups: [backbone convs 1x, ASPP weights 10x, ASPP biases 20x (wd 0)].
+
+    A head with BatchNorm (v3) adds its BN scales as a fourth group, 10x without weight decay; its BN
+    shifts join the biases.
+    """
+    backbone, aspp_w, aspp_b, aspp_norm = [], [], [], []
     for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and _in_head(name):
+            aspp_norm.append(m.weight)
+            aspp_b.append(m.bias)
         if not isinstance(m, nn.Conv2d):
             continue
-        if "aspp" in name:
+        if _in_head(name):
             aspp_w.append(m.weight)
             if m.bias is not None:
                 aspp_b.append(m.bias)
@@ -88,7 +106,30 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict]
         {"params": aspp_w, "lr": 10 * lr, "weight_decay": weight_decay, "name": "aspp_weight",
          "lr_mult": 10.0},
         {"params": aspp_b, "lr": 20 * lr, "weight_decay": 0.0, "name": "aspp_bias", "lr_mult": 20.0},
-    ]
+    ] + ([{"params": aspp_norm, "lr": 10 * lr, "weight_decay": 0.0, "name": "aspp_norm", "lr_mult": 10.0}]
+         if aspp_norm else [])
+
+
+def share_head_statistics(model: nn.Module, info: "DistInfo") -> None:
+    """Rank 0's running statistics of the head's BatchNorm to every process.
+
+    Each process updates its own from its own batch; without this the ranks would validate with
+    different statistics than the checkpoint (rank 0's) holds.
+    """
+    if info.enabled:
+        for buffer in model.base.aspp.buffers():
+            dist.broadcast(buffer, 0)
+
+
+def sync_head_bn(model: nn.Module, info: "DistInfo", device: torch.device) -> nn.Module:
+    """The head's BatchNorm as SyncBatchNorm for ``model.sync_bn`` under DDP (the backbone's stays frozen)."""
+    if not info.enabled:
+        return model
+    if device.type != "cuda":
+        raise ConfigError("model.sync_bn: PyTorch's SyncBatchNorm runs on CUDA devices only; on CPU processes "
+                          "set model.sync_bn: false (each process then normalises its own batch)")
+    model.base.aspp = nn.SyncBatchNorm.convert_sync_batchnorm(model.base.aspp)
+    return model
 
 
 def poly_factor(done: int, max_iter: int, power: float, step: int = 10) -> float:
@@ -368,6 +409,19 @@ def _diff(a, b, prefix=""):
     return [] if a == b else [prefix[:-1]]
 
 
+def _with_new_keys(saved: dict, defaults: dict) -> dict:
+    """``saved`` with the keys added to the config since it was written set to their defaults.
+
+    A new key's default reproduces the old behaviour (``model.aspp: v2``), so older runs still resume.
+    """
+    if not isinstance(saved, dict) or not isinstance(defaults, dict):
+        return saved
+    out = dict(saved)
+    for key, value in defaults.items():
+        out[key] = _with_new_keys(saved[key], value) if key in saved else value
+    return out
+
+
 def resolve_run_dir(cfg: TrainConfig, out) -> Path:
     return Path(out or cfg.out or Path("runs") / cfg.name)
 
@@ -421,9 +475,13 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, info: DistInfo,
     torch.manual_seed(s.seed)
     model = build_model(n_classes, n_blocks=cfg.model.n_blocks, atrous_rates=cfg.model.atrous_rates,
                         scales=cfg.model.msc_scales, stride_in_1x1=cfg.model.stride_in_1x1,
-                        width=cfg.model.width)
+                        width=cfg.model.width, aspp=cfg.model.aspp)
     init_summary = {"init": "resumed"} if resume else init_weights.initialise(model, cfg.model.init.path,
                                                                               cfg.model.init.format)
+    if info.is_main and init_summary.get("head"):
+        print(f"init: {init_summary['head']}", file=sys.stderr)
+    if cfg.model.sync_bn:
+        sync_head_bn(model, info, device)
     set_train_mode(model)
     precision = resolve_precision(cfg.runtime.precision, device)
     channels_last = cfg.runtime.channels_last and device.type == "cuda"
@@ -443,7 +501,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, info: DistInfo,
         return torch.autocast(device_type=device.type, dtype=amp_dtype)
 
     config_dict = cfg.to_dict()
-    meta_base = {"class_names": class_names, "atrous_rates": list(cfg.model.atrous_rates),
+    meta_base = {"class_names": class_names, "aspp": cfg.model.aspp, "atrous_rates": list(cfg.model.atrous_rates),
                  "stride_in_1x1": bool(cfg.model.stride_in_1x1), "n_blocks": list(cfg.model.n_blocks),
                  "width": list(cfg.model.width), "msc_scales": list(cfg.model.msc_scales),
                  "mean_bgr": list(cfg.data.mean_bgr), "config": config_dict, "format": CHECKPOINT_FORMAT}
@@ -453,6 +511,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, info: DistInfo,
     if resume:
         payload = read_checkpoint_file(last_path)
         saved_cfg = payload.get("meta", {}).get("config", {})
+        saved_cfg = _with_new_keys(saved_cfg, TrainConfig().to_dict())
         diffs = [d for d in _diff(saved_cfg, config_dict) if not d.startswith(_RESUME_FREE)]
         if diffs:
             raise ConfigError(f"--resume: the config differs from the one {last_path} was trained with in "
@@ -556,6 +615,8 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, info: DistInfo,
                                  f"updated and training stopped; {kept}. Lower solver.lr or check the data.")
             scaler.step(optimizer)
             scaler.update()
+            if cfg.model.aspp == "v3":
+                share_head_statistics(model, info)
             done = it + 1
             window_loss += loss_value
             window_n += 1

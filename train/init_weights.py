@@ -12,16 +12,24 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from segcore.checkpoint import (normalize_keys, read_backbone, read_checkpoint_file, resolve_checkpoint,
-                                state_mismatch)
+from segcore.aspp_v3 import ASPPv3
+from segcore.checkpoint import (classifier_key, head_of, normalize_keys, read_backbone, read_checkpoint_file,
+                                resolve_checkpoint, state_mismatch)
 from segcore.errors import CheckpointError
 
 from .errors import TrainError
 
 
 def reset_classifier(model: nn.Module) -> None:
-    """Re-initialise the ASPP class scores as the reference does: weights normal(0, 0.01), biases 0."""
-    for conv in model.base.aspp.children():
+    """Re-initialise the ASPP class scores as the reference does: weights normal(0, 0.01), biases 0.
+
+    The v3 head is initialised fresh as a whole (its own ``reset_parameters``).
+    """
+    aspp = model.base.aspp
+    if isinstance(aspp, ASPPv3):
+        aspp.reset_parameters()
+        return
+    for conv in aspp.children():
         nn.init.normal_(conv.weight, mean=0.0, std=0.01)
         nn.init.constant_(conv.bias, 0.0)
 
@@ -127,8 +135,15 @@ def initialise(model: nn.Module, path: str | None, fmt: str = "auto") -> dict:
 
 
 def _init_from_checkpoint(model, state: dict, where: str, class_names) -> dict:
-    n_model = model.base.aspp.c0.weight.shape[0]
-    n_file = int(state["base.aspp.c0.weight"].shape[0]) if "base.aspp.c0.weight" in state else None
+    n_model = model.base.aspp.n_classes
+    n_file = int(state[classifier_key(state)].shape[0]) if classifier_key(state) in state else None
+    head_model, head_file = head_of(model.state_dict()), head_of(state)
+    if head_file != head_model:  # e.g. the published v2 model as the backbone of a v3 run
+        _copy_into(model, state, where, skip_aspp=True)
+        reset_classifier(model)
+        return {"init": "checkpoint", "path": where, "classifier": "re-initialised",
+                "head": f"backbone from {where} (its ASPP head is {head_file}); the {head_model} ASPP head "
+                        "is initialised fresh", "source_class_names": class_names}
     same = n_file == n_model
     aspp_file = sorted(k for k in state if ".aspp." in k)
     aspp_model = sorted(k for k in model.state_dict() if ".aspp." in k)
