@@ -28,9 +28,10 @@ DEFAULT_MIN_AREA = 10
 
 
 def background_index(class_names) -> int | None:
-    """Index of the background class (VOC's ``background``), or None for label sets without one."""
-    aliases = {normalize_name(a) for a in BACKGROUND_ALIASES}
-    return next((i for i, n in enumerate(class_names) if normalize_name(n) in aliases), None)
+    """0 when the first class is a background (VOC's ``background``, as ``annotations`` reads a labels.txt),
+    None for label sets without one (COCO-Stuff)."""
+    names = tuple(class_names)
+    return 0 if names and normalize_name(names[0]) in BACKGROUND_ALIASES else None
 
 
 def read_name_map(path) -> dict[str, str]:
