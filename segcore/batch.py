@@ -2,7 +2,7 @@
 
 What makes it safe to run on thousands of images: every output is written atomically (a hidden part file
 renamed into place), so a stopped run leaves only whole files; a run folder remembers its settings
-(``.segcore-predict.json``), so running the same command again skips finished images, while a different
+(``.segcore-predict``), so running the same command again skips finished images, while a different
 command on the same folder is refused instead of mixing results; under ``torchrun`` each process takes
 every N-th image of the sorted list, so every output is written once; images are decoded by background
 threads while the model runs. The CLI (``python -m segcore predict``) and the app both run this.
@@ -33,7 +33,8 @@ from .prelabel import DEFAULT_MIN_AREA, DEFAULT_TOLERANCE, LabelmeWriter
 
 FORMATS = ("png", "labelme", "npz")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-MANIFEST = ".segcore-predict.json"
+MANIFEST = ".segcore-predict"
+"""The run's settings (JSON); no .json suffix, so globs for labelme files never pick it up."""
 REPORT = "predict_report.jsonl"
 LABELME_DIR = "labelme"
 """Where the labelme project goes when other formats are written too: labelme's "Open Dir" would list
