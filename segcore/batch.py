@@ -421,14 +421,16 @@ def predict_files(segmenter, inputs, out, formats=("png",), *, progress: bool = 
                   stop=None, max_zip_bytes: int = annotations.DEFAULT_MAX_BYTES,
                   max_zip_files: int = annotations.DEFAULT_MAX_FILES, workdir: Path | None = None,
                   **options) -> BatchResult:
-    """Segment the images in ``inputs`` (files, folders, zips) into ``out`` in ``formats`` (see
-    :class:`BatchPredictor` for ``options``). Under torchrun, call it in every process: each takes its share
-    and the result returned on every rank covers all of them."""
+    """Segment the images in ``inputs`` (files, folders, zips, or an open :class:`Inputs`) into ``out`` in
+    ``formats`` (see :class:`BatchPredictor` for ``options``). Under torchrun, call it in every process: each
+    takes its share and the result returned on every rank covers all of them."""
     from .evaluate import _dist_state, _gather
 
     rank, world = _dist_state()
     predictor = BatchPredictor(segmenter, out, formats, **options)
-    with Inputs(inputs, max_zip_bytes=max_zip_bytes, max_zip_files=max_zip_files, workdir=workdir) as found:
+    found = inputs if isinstance(inputs, Inputs) else Inputs(inputs, max_zip_bytes=max_zip_bytes,
+                                                             max_zip_files=max_zip_files, workdir=workdir)
+    with found:
         if not found.images and not found.failed:
             raise PredictError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {', '.join(map(str, inputs))}")
         predictor.prepare(found.images, rank)
