@@ -51,7 +51,7 @@ def run(quick: bool) -> dict:
     from segcore.batch import predict_files
     from segcore.prelabel import LabelmeWriter, round_trip
 
-    n = 8 if quick else 32
+    n = 4 if quick else 16
     repeats = 1 if quick else 3
     tmp = Path(tempfile.mkdtemp(prefix="bench-prelabel-"))
     try:
@@ -73,7 +73,7 @@ def run(quick: bool) -> dict:
         t_both = _median_time(lambda: predict(("png", "labelme")), repeats)
 
         writer = LabelmeWriter(seg.class_names)
-        maps = [seg.predict(folder / p.name).label_map for p in sources[: 4 if quick else 8]]
+        maps = [seg.predict(folder / p.name).label_map for p in sources[: 2 if quick else 8]]
         contours = {}
         for side in (513, 2000):
             big = [np.asarray(Image.fromarray(m).resize((side, side), Image.NEAREST)) for m in maps]

@@ -10,7 +10,9 @@ threads while the model runs. The CLI (``python -m segcore predict``) and the ap
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import io
 import json
 import os
 import shutil
@@ -29,7 +31,7 @@ from PIL import Image
 import annotations
 
 from .errors import SegcoreError
-from .prelabel import DEFAULT_MIN_AREA, DEFAULT_TOLERANCE, LabelmeWriter
+from .prelabel import DEFAULT_MIN_AREA, DEFAULT_TOLERANCE, LabelmeWriter, dumps, round_trip, write_inverse_map
 
 FORMATS = ("png", "labelme", "npz")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -193,7 +195,6 @@ class BatchPredictor:
                  write_background: bool = False, opacity: float = 0.5, probabilities: bool = False,
                  copy_images: bool = True, embed_images: bool = False, overwrite: bool = False,
                  decode_workers: int = 2):
-
         formats = tuple(dict.fromkeys(formats))
         bad = [f for f in formats if f not in FORMATS]
         if bad or not formats:
@@ -264,14 +265,10 @@ class BatchPredictor:
         return None
 
     def _write_labelme(self, image: InputImage, pred) -> float:
-        from .prelabel import dumps, round_trip
-
         json_path = self.labelme_root / f"{image.rel.with_suffix('')}.json"
         data = None
         if self.embed_images:
-            import base64
-
-            data = base64.b64encode(image.source.read_bytes()).decode("ascii")
+            data = base64.b64encode(embedded_image(image.source)).decode("ascii")
             image_path = image.rel.name
         elif self.copy_images:
             with atomic_path(self.labelme_root / image.rel) as part:
@@ -312,8 +309,6 @@ class BatchPredictor:
             with atomic_path(manifest) as part:
                 part.write_text(json.dumps(self.settings, indent=1, sort_keys=True), encoding="utf-8")
             if "labelme" in self.formats:
-                from .prelabel import write_inverse_map
-
                 self.labelme_root.mkdir(parents=True, exist_ok=True)
                 write_inverse_map(self.writer, self.labelme_root / "label_names.yaml")
 
@@ -392,6 +387,20 @@ class BatchPredictor:
         _append_line(report, {"image": str(image.rel), "error": message})
         tqdm.write(f"FAILED {image}: {message}", file=sys.stderr)
         bar.update(1)
+
+
+def embedded_image(path: Path) -> bytes:
+    """The bytes labelme would embed for ``path`` (its ``read_image_file``): the file itself, or, for an
+    EXIF-rotated photo or a format other than JPEG/PNG, the upright image re-encoded, so ``imageData`` has
+    the size the label map (and ``imageHeight``/``imageWidth``) has."""
+    with Image.open(path) as raw:
+        upright = annotations.apply_exif_orientation(raw)
+        if upright is raw and path.suffix.lower() in (".jpg", ".jpeg", ".png"):
+            return path.read_bytes()
+        buffer = io.BytesIO()
+        fmt = "PNG" if "A" in upright.mode else "JPEG"
+        (upright if fmt == "PNG" else upright.convert("RGB")).save(buffer, format=fmt, quality=95)
+        return buffer.getvalue()
 
 
 def _append_line(path: Path, record: dict) -> None:

@@ -224,3 +224,21 @@ def test_unknown_weights_is_a_clear_error(tmp_path):
     Image.fromarray(scene_image(60, 80)).save(tmp_path / "a.jpg")
     proc = predict(tmp_path / "a.jpg", "--weights", tmp_path / "nope.pth")
     assert proc.returncode == 2 and "no such checkpoint file" in proc.stderr
+
+
+@pytest.mark.parametrize("mode", ["copy", "embed"])
+def test_exif_rotated_photos_open_in_labelme_at_the_label_maps_size(tmp_path, mode):
+    ckpt = tiny_checkpoint(tmp_path / "tiny.pth", n_classes=21)
+    photo = Image.fromarray(scene_image(40, 64))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, shown rotated 90 degrees: 40 wide, 64 high
+    photo.save(tmp_path / "phone.jpg", exif=exif)
+    out = tmp_path / "out"
+    flags = ["--embed-image"] if mode == "embed" else []
+    proc = predict(tmp_path / "phone.jpg", "--weights", ckpt, *FAST, "--out", out, "--format", "labelme", "png",
+                   *flags)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert np.asarray(Image.open(out / "phone.png")).shape == (64, 40)
+    lf = labelme.LabelFile(filename=str(out / "labelme" / "phone.json"))  # checks imageHeight / imageWidth
+    assert labelme.utils.img_data_to_arr(lf.image_data).shape[:2] == (64, 40)
+    assert (out / "labelme" / "phone.jpg").exists() == (mode == "copy")
