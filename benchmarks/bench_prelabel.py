@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _train(run: Path, iterations: int) -> Path:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")  # a tiny model: threads only contend
     subprocess.run([sys.executable, "-m", "train", "--config", "train/configs/smoke.yaml", "--out", str(run),
                     "--set", f"solver.iterations={iterations}", "--set", "log.val_every=0",
                     "--set", "log.progress=false", "--set", "log.tensorboard=false",

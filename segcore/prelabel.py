@@ -80,8 +80,14 @@ class LabelmeWriter:
     def expected(self, label_map: np.ndarray) -> np.ndarray:
         """The label map as the written shapes should reproduce it: unwritten classes read as the fill."""
         out = label_map.astype(np.int64, copy=True)
-        out[~self.written[np.minimum(label_map, 255)]] = self.fill_value
+        out[~self._is_written(label_map)] = self.fill_value
         return out
+
+    def _is_written(self, label_map: np.ndarray) -> np.ndarray:
+        """Boolean map of the pixels whose class is written (a table look-up; OpenCV's LUT for uint8 maps)."""
+        if label_map.dtype == np.uint8:
+            return cv2.LUT(label_map, self.written[:256].astype(np.uint8)).view(bool)
+        return self.written[np.minimum(label_map, len(self.written) - 1)]
 
     def shapes(self, label_map: np.ndarray) -> list[dict]:
         """labelme shape dicts for ``label_map`` (HxW class ids), in the order that draws it right."""
@@ -89,10 +95,10 @@ class LabelmeWriter:
             raise ValueError(f"expected an HxW label map, got shape {label_map.shape}")
         label_map = np.asarray(label_map)
         regions: list[tuple[float, int, np.ndarray]] = []
-        for c in np.unique(label_map):
+        for c in _present(label_map):
             if c < len(self.labels) and self.written[c]:
                 regions += [(a, int(c), p) for a, p in self._regions(label_map == c, border_ok=True)]
-        unwritten = ~self.written[np.minimum(label_map, 255)]
+        unwritten = ~self._is_written(label_map)
         if unwritten.any():
             # only holes need painting: an unwritten region that reaches the border is never covered
             regions += [(a, -1, p) for a, p in self._regions(unwritten, border_ok=False)]
@@ -135,6 +141,13 @@ class LabelmeWriter:
             if self.written[i]:
                 values[label] = i
         return values
+
+
+def _present(label_map: np.ndarray) -> np.ndarray:
+    """The class ids present (a 256-bin histogram for uint8 maps: much faster than ``np.unique``)."""
+    if label_map.dtype == np.uint8:
+        return np.flatnonzero(cv2.calcHist([label_map], [0], None, [256], [0, 256]).ravel())
+    return np.unique(label_map)
 
 
 def round_trip(document: dict, writer: LabelmeWriter, label_map: np.ndarray) -> float:
