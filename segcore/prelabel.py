@@ -39,7 +39,11 @@ def read_name_map(path) -> dict[str, str]:
 
     Read with ``annotations``' mapping reader, so the file format is the converter's; ``__ignore__`` as a
     target means "do not write this class"."""
-    return dict(annotations.LabelMapping.from_file(path).names)
+    mapping = annotations.LabelMapping.from_file(path)
+    if mapping.rules or mapping.strip_instance_suffix:
+        raise annotations.MappingError(f"{path}: a prediction name map takes 'class: label' pairs only "
+                                       "(no rules, no strip_instance_suffix)")
+    return dict(mapping.names)
 
 
 @dataclass
