@@ -188,7 +188,7 @@ def test_checkpoint_upload(client, tmp_path):
     assert weights == "mine.safetensors (uploaded)" and "21 classes" in status
     src = tmp_path / "x.png"
     Image.fromarray(scene_image(40, 48, seed=1)).save(src)
-    _, _, legend, _ = call(client, "/segment_image", handle_file(str(src)), weights, False, False, TEST_SIZE, 0.5)
+    _, _, legend, _, _ = call(client, "/segment_image", handle_file(str(src)), weights, False, False, TEST_SIZE, 0.5)
     assert ">c" in legend  # the checkpoint's own class names
 
 
