@@ -80,8 +80,9 @@ def build(ctx: Context) -> None:
         rows = [[image, round(100 * figure, 2)] for image, figure in sorted(figures.items())]
         return str(archive_path), text, rows
 
+    # a queue of its own, one job at a time: a long batch never holds up single-image requests
     event = run.click(prelabel, [archive, *ctx.model_inputs(), tolerance, min_area], [project, summary, table],
-                      api_name="prelabel", concurrency_id="model")
+                      api_name="prelabel", concurrency_id="prelabel", concurrency_limit=1)
     refresh_status(ctx, event)
 
 
