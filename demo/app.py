@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from . import convert_tab, evaluate_tab, image_tab, video_tab, webcam_tab
+from . import convert_tab, evaluate_tab, image_tab, prelabel_tab, video_tab, webcam_tab
 from .common import EXAMPLES_DIR, AppConfig, WorkDir
 from .models import ModelStore
 from .panel import Context, build_panel
@@ -36,6 +36,7 @@ def build_app(config: AppConfig | None = None) -> gr.Blocks:
         build_panel(ctx)
         with gr.Tabs():
             image_tab.build(ctx)
+            prelabel_tab.build(ctx)
             video_tab.build(ctx)
             webcam_tab.build(ctx)
             evaluate_tab.build(ctx)

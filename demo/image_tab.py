@@ -7,6 +7,7 @@ from pathlib import Path
 import gradio as gr
 
 import segcore
+from segcore.prelabel import LabelmeWriter, dumps
 
 from .common import EXAMPLES_DIR, legend_html, safe_stem, user_errors
 from .panel import Context, model_for, refresh_status
@@ -39,6 +40,14 @@ def path_image(**kwargs) -> gr.Image:
     return image
 
 
+def labelme_json(job: Path, name: str, pred, weights) -> Path:
+    """The prediction as a labelme file whose imagePath is the uploaded image's name (put them side by side)."""
+    writer = LabelmeWriter(pred.class_names, description=f"predicted by {weights}")
+    path = job / f"{safe_stem(name)}.json"
+    path.write_text(dumps(writer.document(pred.label_map, Path(name).name)), encoding="utf-8")
+    return path
+
+
 def examples() -> list[str]:
     return [str(p) for p in sorted(EXAMPLES_DIR.glob("*.jpg"))]
 
@@ -61,7 +70,10 @@ def build(ctx: Context) -> None:
                                       height=300)
                 with gr.Row():
                     legend = gr.HTML(label="Classes present", elem_id="legend")
-                    mask = gr.File(label="Palette PNG mask (pixel value = class id)", elem_id="mask-file")
+                    with gr.Column():
+                        mask = gr.File(label="Palette PNG mask (pixel value = class id)", elem_id="mask-file")
+                        polygons = gr.File(label="labelme JSON (the regions as polygons, to correct in labelme)",
+                                           elem_id="labelme-file")
         if cfg.max_image_pixels:
             gr.Markdown(f"Images up to {cfg.max_image_pixels / 1e6:g} megapixels.", elem_classes="limits")
 
@@ -75,11 +87,14 @@ def build(ctx: Context) -> None:
             progress(0.5, desc="Segmenting")
             pred = seg.predict(rgb)
             over = pred.overlay(float(opacity if opacity is not None else 0.5))
-        out = ctx.work.new("image") / f"{safe_stem(name)}_mask.png"
+        job = ctx.work.new("image")
+        out = job / f"{safe_stem(name)}_mask.png"
         pred.save(out)
+        json_path = labelme_json(job, name, pred, weights or ctx.store.default)
         legend_markup = legend_html(pred.class_fractions(), pred.class_names, pred.palette)
-        return over, pred.colorize(), legend_markup, str(out)
+        return over, pred.colorize(), legend_markup, str(out), str(json_path)
 
-    event = run.click(segment_image, [image, *ctx.model_inputs(), ctx.opacity], [overlay, colour, legend, mask],
+    event = run.click(segment_image, [image, *ctx.model_inputs(), ctx.opacity],
+                      [overlay, colour, legend, mask, polygons],
               api_name="segment_image", concurrency_id="model")
     refresh_status(ctx, event)

@@ -17,16 +17,23 @@ _REPORT = ("ReportError", "class_iou_figure", "confusion_figure", "format_score_
            "write_report")
 
 
+_BATCH = {"BatchPredictor": "batch", "predict_files": "batch", "LabelmeWriter": "prelabel"}
+
+
 def __getattr__(name):
-    # the report helpers pull in plotly; import them only when asked for
+    # the report helpers pull in plotly, batch prediction and pre-labelling OpenCV: import them when asked for
     if name in _REPORT:
         from . import report
 
         return getattr(report, name)
+    if name in _BATCH:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_BATCH[name]}", __name__), name)
     raise AttributeError(f"module 'segcore' has no attribute {name!r}")
 
 
-__all__ = [*_REPORT, "DatasetError", "EvaluationError", "EvaluationResult", "Sample", "SegmentationDataset",
+__all__ = [*_REPORT, *_BATCH, "DatasetError", "EvaluationError", "EvaluationResult", "Sample", "SegmentationDataset",
            "evaluate", "open_dataset", "VideoCancelled", "VideoError", "VideoResult", "segment_video",
            "convert_caffe_file", "convert_caffemodel", "read_backbone",
            "ConfusionMatrix", "MetricsError", "compute_scores", "image_scores", "to_json_dict",

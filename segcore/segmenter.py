@@ -268,7 +268,11 @@ class Segmenter:
 
     def predict_batch(self, images, *, return_probs: bool = False) -> list[Prediction]:
         """Segment several images; those that share a processing size run through the model together."""
-        prepared = [self.preprocess(image) for image in images]
+        return self.predict_prepared([self.preprocess(image) for image in images], return_probs=return_probs)
+
+    def predict_prepared(self, prepared, *, return_probs: bool = False) -> list[Prediction]:
+        """Segment ``(original, resized)`` pairs from :meth:`preprocess`, so callers can decode elsewhere
+        (a background thread) while the model runs."""
         results: list[Prediction | None] = [None] * len(prepared)
         by_size: dict[tuple, list[int]] = {}
         for i, (_, resized) in enumerate(prepared):

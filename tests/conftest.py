@@ -15,3 +15,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def smoke_model(tmp_path_factory):
+    """(checkpoint, run folder) of train/configs/smoke.yaml trained briefly, shared by the whole session."""
+    from factories import train_smoke_model
+
+    run = tmp_path_factory.mktemp("smoke_model")
+    return train_smoke_model(run), run

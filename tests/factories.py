@@ -67,3 +67,39 @@ def scene_image(h: int, w: int, seed: int = 0) -> np.ndarray:
         img[mask] = rng.uniform(0, 255, 3)
     img += rng.normal(0, 4, img.shape)
     return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def train_smoke_model(run, *, iterations: int = 150, timeout: int = 300):
+    """Train ``train/configs/smoke.yaml`` briefly (seconds on a CPU) into ``run``; return the checkpoint.
+
+    Its predictions are blobs with smooth, slightly wrong edges, as a real model's are, unlike a random
+    tiny checkpoint's speckle. The generated data set (64 px images) is in ``run/data/synthetic``."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root))
+    proc = subprocess.run([sys.executable, "-m", "train", "--config", "train/configs/smoke.yaml", "--out", str(run),
+                           "--set", f"solver.iterations={iterations}", "--set", "log.val_every=0",
+                           "--set", "log.progress=false", "--set", "log.tensorboard=false",
+                           "--set", f"log.save_every={iterations}"],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return Path(run) / "checkpoints" / "final.pth"
+
+
+def upscaled_images(run, dest, n: int, size: int = 256, split: str = "val"):
+    """``n`` of the smoke data set's images enlarged to ``size`` px (bilinear), as JPEGs in ``dest``."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    sources = sorted((Path(run) / "data" / "synthetic" / "JPEGImages").glob(f"{split}_*.jpg"))[:n]
+    assert len(sources) == n, f"the smoke data set has {len(sources)} {split} images"
+    for p in sources:
+        Image.open(p).convert("RGB").resize((size, size), Image.BILINEAR).save(dest / p.name, quality=95)
+    return sorted(dest.iterdir())

@@ -132,13 +132,16 @@ def test_segment_image_matches_segmenter(client, app_files, tmp_path):
     src = tmp_path / "scene.png"
     Image.fromarray(rgb).save(src)
 
-    overlay, colour, legend, mask = call(client, "/segment_image", handle_file(str(src)), *MODEL, 0.4)
+    overlay, colour, legend, mask, polygons = call(client, "/segment_image", handle_file(str(src)), *MODEL, 0.4)
 
     expected = tiny_segmenter(ckpt).predict(rgb)
     with Image.open(mask) as m:
         assert m.mode == "P"
         labels = np.asarray(m)
     np.testing.assert_array_equal(labels, expected.label_map)
+    document = json.loads(Path(polygons).read_text())
+    assert document["imagePath"] == "scene.png" and (document["imageHeight"], document["imageWidth"]) == (60, 84)
+    assert document["shapes"] and all(s["description"] == "predicted by tiny.pth" for s in document["shapes"])
     # overlay: 60% image + 40% class colour, rounded (computed here, not by the app)
     palette = expected.palette
     blend = np.rint(rgb.astype(np.float64) * 0.6 + palette[labels].astype(np.float64) * 0.4)
@@ -185,7 +188,7 @@ def test_checkpoint_upload(client, tmp_path):
     assert weights == "mine.safetensors (uploaded)" and "21 classes" in status
     src = tmp_path / "x.png"
     Image.fromarray(scene_image(40, 48, seed=1)).save(src)
-    _, _, legend, _ = call(client, "/segment_image", handle_file(str(src)), weights, False, False, TEST_SIZE, 0.5)
+    _, _, legend, _, _ = call(client, "/segment_image", handle_file(str(src)), weights, False, False, TEST_SIZE, 0.5)
     assert ">c" in legend  # the checkpoint's own class names
 
 
