@@ -216,7 +216,7 @@ def convert_file(path: str | Path, label_space: str | Path | LabelSpace = "voc",
     lf = read_labelme(path)
     res = _convert_loaded(lf, Path(path).stem, opt)
     if res.converted is None:
-        raise UnknownLabelError("; ".join(f"{e['file']}: {e['reason']}" for e in res.errors), tuple(res.unknown))
+        raise UnknownLabelError(f"{path}: " + "; ".join(e["reason"] for e in res.errors), tuple(res.unknown))
     return res.converted
 
 
@@ -474,6 +474,11 @@ def convert_folder(input: str | Path | Sequence[str | Path], output: str | Path,
             raise OutputExistsError(f"{output}: exists and does not look like a dataset written by this tool; "
                                     "refusing to overwrite it")
     inp = _Input(input, max_zip_bytes, max_zip_files)
+    if not inp.files:
+        inp.close()
+        shown = os.fspath(input) if isinstance(input, (str, os.PathLike)) else "the input files"
+        raise AnnotationError(f"{shown}: no labelme .json files found; give a folder of labelme files, "
+                              "the .json files themselves, or a .zip of them")
     output.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
     try:

@@ -10,12 +10,12 @@ from PIL import Image
 
 
 def add_arguments(parser):
-    from .cli import add_model_arguments
+    from .cli import add_model_arguments, unit_interval
 
     parser.add_argument("images", nargs="+", type=Path, help="image files")
     add_model_arguments(parser)
     parser.add_argument("--out", type=Path, default=Path("predictions"), help="output folder")
-    parser.add_argument("--opacity", type=float, default=0.5, help="overlay opacity (0..1)")
+    parser.add_argument("--opacity", type=unit_interval, default=0.5, help="overlay opacity (0..1)")
 
 
 def run(args) -> int:

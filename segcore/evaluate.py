@@ -24,6 +24,7 @@ from PIL import Image
 
 from .datasets import invalid_label_values
 from .errors import SegcoreError
+from .evaluation_advice import unknown_labels_of
 from .metrics import ConfusionMatrix, compute_scores, to_json_dict
 
 __all__ = ["EvaluationError", "EvaluationResult", "evaluate", "init_distributed"]
@@ -245,7 +246,8 @@ def evaluate(segmenter, dataset, *, out_dir=None, progress: bool = True, class_n
                                       f"pixels, the label {label.shape[1]}x{label.shape[0]}")
             hist = cm.update(label, pred, name=dataset.source(i))
         except (SegcoreError, OSError, ValueError) as exc:
-            failures.append({"index": i, "image": name, "file": _source(dataset, i), "reason": _reason(exc)})
+            failures.append({"index": i, "image": name, "file": _source(dataset, i), "reason": _reason(exc),
+                             "unknown_labels": unknown_labels_of(exc)})
             if rank == 0 and progress:
                 tqdm.write(f"FAILED {failures[-1]['file']}: {failures[-1]['reason']}", file=sys.stderr)
             continue
@@ -282,7 +284,7 @@ def evaluate(segmenter, dataset, *, out_dir=None, progress: bool = True, class_n
                               options=opts, images=total)
     if checkpoint is None and segmenter is not None:
         checkpoint = getattr(segmenter.model, "checkpoint", None)
-    if out_dir is not None and rank == 0:
+    if out_dir is not None and rank == 0 and result.per_image:  # no report of NaNs: see evaluation_advice
         result.report = write_outputs(result, out_dir, pal, checkpoint=checkpoint)
     return result
 
