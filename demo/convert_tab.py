@@ -8,7 +8,7 @@ import gradio as gr
 
 import annotations
 
-from .common import as_paths, gather_uploads, readable, require, user_errors, zip_folder
+from .common import UserError, as_paths, gather_uploads, readable, require, user_errors, zip_folder
 
 
 def build(ctx) -> None:
@@ -61,7 +61,7 @@ def build(ctx) -> None:
             if len(warnings) > 200:
                 text += f"\n... and {len(warnings) - 200} more warnings (see report.json)"
         if not report.converted:
-            raise gr.Error("Nothing was converted.\n" + text, duration=None)
+            raise UserError("Nothing was converted.\n" + text, duration=None)
         archive = zip_folder(out, job / "dataset.zip")
         return str(archive), text, json.loads(readable(json.dumps(report.to_dict())))
 

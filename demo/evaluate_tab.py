@@ -9,6 +9,7 @@ import pandas as pd
 
 import annotations
 import segcore
+from segcore import evaluation_advice
 
 from .common import as_paths, gather_uploads, pct, readable, require, user_errors, zip_folder
 from .panel import Context, model_for, refresh_status
@@ -128,6 +129,7 @@ def build(ctx: Context) -> None:
             out = job / "report"
             result = segcore.evaluate(seg, dataset, out_dir=out, progress=True, distributed=False,
                                       palette=space.palette)
+            evaluation_advice.raise_if_nothing_evaluated(result, evaluation_advice.APP)
             warnings = [{**w, "file": readable(w["file"])} for w in result.warnings]
             archive = zip_folder(out, job / "evaluation_report.zip")
             palette = space.palette
