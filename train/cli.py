@@ -13,7 +13,9 @@ from annotations.cli_errors import CliParser, run_cli
 def build_parser() -> CliParser:
     p = CliParser(prog="python -m train", description="Train DeepLab-v2 (ResNet-101, MSC). "
                                 "Multi-GPU/multi-node: launch the same command with torchrun.")
-    p.add_argument("--config", required=True, help="YAML config, e.g. train/configs/voc12.yaml")
+    p.add_argument("--config", required=True,
+                   help="YAML config (e.g. train/configs/voc12.yaml), or a shipped config's name: smoke, voc12, "
+                        "cocostuff10k, cocostuff164k, labelme_finetune")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value (YAML syntax), e.g. --set solver.iterations=100; repeatable")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pth")
