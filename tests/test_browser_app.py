@@ -79,11 +79,11 @@ def page(browser, app_url):
     context.close()
 
 
-def set_fast_options(page):
+def set_fast_options(page, test_size: int = 65):
     """Single scale, test size 65: the tiny model answers at once."""
     page.get_by_label("Multi-scale").uncheck()
     size = page.locator("input[aria-label='number input for Test size']")
-    size.fill("65")
+    size.fill(str(test_size))
     size.press("Enter")
 
 
@@ -166,7 +166,12 @@ def test_evaluate_with_only_unknown_labels_shows_the_message_and_no_figures(page
 
 
 def take_screenshots(out_dir: Path) -> list[Path]:
-    """One screenshot per tab, on a fresh app with a tiny random checkpoint (so the segmentations are noise)."""
+    """One screenshot per tab, on a fresh app.
+
+    By default with a tiny random checkpoint (the segmentations are noise). The README's come from a
+    trained model: SCREENSHOT_WEIGHTS (checkpoint), SCREENSHOT_IMAGE (Image tab), SCREENSHOT_ANNOTATIONS
+    (labelme .zip for Evaluate and Convert), SCREENSHOT_TEST_SIZE, optionally SCREENSHOT_VIDEO.
+    """
     import tempfile
 
     from playwright.sync_api import sync_playwright
@@ -182,7 +187,8 @@ def take_screenshots(out_dir: Path) -> list[Path]:
             page.set_default_timeout(300_000)
             page.goto(url)
             page.wait_for_selector("#image-input")
-            set_fast_options(page)
+            set_fast_options(page, int(os.environ.get("SCREENSHOT_TEST_SIZE") or 65))
+            annotations_zip = Path(os.environ.get("SCREENSHOT_ANNOTATIONS") or make_labelme_zip(tmp, n=4))
 
             def shot(name, full=False):
                 page.wait_for_timeout(800)
@@ -190,7 +196,8 @@ def take_screenshots(out_dir: Path) -> list[Path]:
                 page.screenshot(path=str(path), full_page=full)
                 shots.append(path)
 
-            page.locator("#image-input input[type=file]").set_input_files(str(REPO / "examples" / "astronaut.jpg"))
+            image = os.environ.get("SCREENSHOT_IMAGE") or str(REPO / "examples" / "astronaut.jpg")
+            page.locator("#image-input input[type=file]").set_input_files(image)
             page.click("#segment-image")
             page.wait_for_selector("#legend table.segcore-legend")
             shot("image", full=True)
@@ -213,15 +220,16 @@ def take_screenshots(out_dir: Path) -> list[Path]:
             shot("webcam")
 
             page.get_by_role("tab", name="Evaluate").click()
-            page.locator("#eval-files input[type=file]").set_input_files(str(make_labelme_zip(tmp, n=4)))
-            page.wait_for_selector("#eval-files [aria-label='my_annotations.zip']")
+            page.locator("#eval-files input[type=file]").set_input_files(str(annotations_zip))
+            page.wait_for_selector(f"#eval-files [aria-label='{annotations_zip.name}']")
             page.click("#run-evaluate")
             page.wait_for_selector("#eval-bars .js-plotly-plot")
+            page.wait_for_selector("#eval-worst .thumbnail-item img")
             shot("evaluate", full=True)
 
             page.get_by_role("tab", name="Convert").click()
-            page.locator("#convert-files input[type=file]").set_input_files(str(tmp / "my_annotations.zip"))
-            page.wait_for_selector("#convert-files [aria-label='my_annotations.zip']")
+            page.locator("#convert-files input[type=file]").set_input_files(str(annotations_zip))
+            page.wait_for_selector(f"#convert-files [aria-label='{annotations_zip.name}']")
             page.click("#run-convert")
             page.wait_for_selector("#convert-dataset a[download='dataset.zip']")
             shot("convert", full=True)
