@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from collections.abc import Sequence
 
 from .archive import DEFAULT_MAX_BYTES, DEFAULT_MAX_FILES
-from .convert import convert_folder
+from .cli_errors import CliParser, run_cli
+from .convert import ConversionReport, convert_folder
 from .errors import AnnotationError
 
+WARNINGS_SHOWN = 20
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m annotations", description="labelme -> VOC-style dataset")
+
+def _parser() -> CliParser:
+    p = CliParser(prog="python -m annotations", description="labelme -> VOC-style dataset")
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("convert", help="convert labelme JSON files into a VOC-style dataset folder")
     c.add_argument("input", nargs="+", help="a folder (recursive), JSON file(s), or a .zip of a folder")
@@ -36,8 +38,26 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def warning_lines(report: ConversionReport, report_path: str) -> list[str]:
+    """The first WARNINGS_SHOWN warnings, one line each, and where the rest are."""
+    lines = []
+    for w in report.warnings[:WARNINGS_SHOWN]:
+        where = f" shape {w['shape']}" if w.get("shape") is not None else ""
+        lines.append(f"warning: {w['file']}{where}: {w['reason']}")
+    if len(report.warnings) > WARNINGS_SHOWN:
+        lines.append(f"... and {len(report.warnings) - WARNINGS_SHOWN} more warning(s) in {report_path}")
+    elif report.warnings:
+        lines.append(f"(all warnings are also in {report_path})")
+    return lines
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Exit codes: 0 all converted, 1 some files failed (named), 2 bad input, 130 interrupted."""
     args = _parser().parse_args(argv)
+    return run_cli(lambda: _convert(args), (AnnotationError, ValueError))
+
+
+def _convert(args) -> int:
     from .mapping import LabelMapping
 
     inputs = args.input[0] if len(args.input) == 1 else list(args.input)
@@ -62,13 +82,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 unlabeled=args.unlabeled, instances=args.instances, overwrite=args.overwrite,
                                 workers=args.workers, max_zip_bytes=args.max_zip_bytes,
                                 max_zip_files=args.max_zip_files, progress=progress)
-    except (AnnotationError, ValueError) as e:
+    finally:
         if bar is not None:
             bar.close()
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if bar is not None:
-        bar.close()
+    report_path = os.path.join(args.output, "report.json")
     print(report.summary())
-    print(f"dataset written to {os.fspath(args.output)} (report: {os.path.join(args.output, 'report.json')})")
+    for line in warning_lines(report, report_path):
+        print(line)
+    print(f"dataset written to {os.fspath(args.output)} (report: {report_path})")
     return 0 if report.ok else 1

@@ -223,7 +223,7 @@ def convert_file(path: str | Path, label_space: str | Path | LabelSpace = "voc",
     lf = read_labelme(path, root=root, max_pixels=max_pixels)
     res = _convert_loaded(lf, Path(path).stem, opt)
     if res.converted is None:
-        raise UnknownLabelError("; ".join(f"{e['file']}: {e['reason']}" for e in res.errors), tuple(res.unknown))
+        raise UnknownLabelError(f"{path}: " + "; ".join(e["reason"] for e in res.errors), tuple(res.unknown))
     return res.converted
 
 
@@ -489,6 +489,11 @@ def convert_folder(input: str | Path | Sequence[str | Path], output: str | Path,
                                     "refusing to overwrite it")
     inp = _Input(input, budget if budget is not None else ExtractionBudget(max_zip_bytes, max_zip_files))
     opt.root = inp.base
+    if not inp.files:
+        inp.close()
+        shown = os.fspath(input) if isinstance(input, (str, os.PathLike)) else "the input files"
+        raise AnnotationError(f"{shown}: no labelme .json files found; give a folder of labelme files, "
+                              "the .json files themselves, or a .zip of them")
     stage: Path | None = None
     try:
         output.parent.mkdir(parents=True, exist_ok=True)

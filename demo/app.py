@@ -14,6 +14,9 @@ TITLE = "DeepLab-v2 semantic segmentation"
 CSS = """
 .limits { opacity: 0.75; font-size: 0.9em; }
 .segcore-legend td, .segcore-legend th { padding: 2px 8px; }
+/* worst-images strips are wide: tiles take the strip's shape instead of a square that crops it */
+#eval-worst .thumbnail-item { aspect-ratio: auto; height: auto; }
+#eval-worst .thumbnail-item img { height: auto; }
 """
 
 INTRO = (f"# {TITLE}\n"

@@ -89,6 +89,19 @@ def readable(message: str) -> str:
     return re.sub(pattern, "", str(message)).strip()
 
 
+class UserError(gr.Error):
+    """A user's mistake (no weights, a bad upload): shown in the browser, one line in the server log.
+
+    Gradio prints the traceback of every gr.Error by default (some 115 lines for a missing download);
+    an expected error is not a bug, so it is logged as one line instead.
+    """
+
+    def __init__(self, message: str, **kwargs):
+        kwargs.setdefault("print_exception", False)
+        super().__init__(message, **kwargs)
+        log.warning("refused: %s", " ".join(str(message).split())[:500])
+
+
 USER_ERRORS = (segcore.SegcoreError, annotations.AnnotationError, ValueError, OSError, zipfile.BadZipFile)
 
 
@@ -107,15 +120,16 @@ def user_errors(what: str = ""):
         message = readable(str(exc) or type(exc).__name__)
         if what and not message.startswith(what):
             message = f"{what}: {message}"
-        raise gr.Error(message, duration=None) from exc
+        raise UserError(message, duration=None) from exc
     except Exception as exc:  # pragma: no cover - a bug, but the server keeps serving
         log.exception("unexpected error")
-        raise gr.Error(f"Unexpected error ({type(exc).__name__}): {readable(str(exc))}", duration=None) from exc
+        raise gr.Error(f"Unexpected error ({type(exc).__name__}): {readable(str(exc))}", duration=None,
+                       print_exception=False) from exc  # log.exception above printed the traceback
 
 
 def require(value, message: str):
     if value is None or value == [] or value == "":
-        raise gr.Error(message)
+        raise UserError(message)
     return value
 
 

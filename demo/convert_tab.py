@@ -8,7 +8,7 @@ import gradio as gr
 
 import annotations
 
-from .common import as_paths, gather_uploads, readable, require, user_errors, zip_folder
+from .common import UserError, as_paths, gather_uploads, readable, require, user_errors, zip_folder
 
 
 def build(ctx) -> None:
@@ -34,8 +34,9 @@ def build(ctx) -> None:
             summary = gr.Textbox(label="Conversion report", lines=6, max_lines=30, elem_id="convert-summary")
         details = gr.JSON(label="report.json", open=False)
 
-    def convert(labelme_files, label_space, unknown_labels, labels_file, mapping_file, instances,
-                progress=gr.Progress()):
+    # None defaults: the optional files are optional for API clients too (Gradio reads the signature)
+    def convert(labelme_files, label_space="voc", unknown_labels="error", labels_file=None, mapping_file=None,
+                instances=False, progress=gr.Progress()):
         require(as_paths(labelme_files), "Upload labelme files (.json with their images) or a .zip first.")
         job = ctx.work.new("convert")
         space = str(as_paths(labels_file)[0]) if as_paths(labels_file) else (label_space or "voc")
@@ -61,7 +62,7 @@ def build(ctx) -> None:
             if len(warnings) > 200:
                 text += f"\n... and {len(warnings) - 200} more warnings (see report.json)"
         if not report.converted:
-            raise gr.Error("Nothing was converted.\n" + text, duration=None)
+            raise UserError("Nothing was converted.\n" + text, duration=None)
         archive = zip_folder(out, job / "dataset.zip")
         return str(archive), text, json.loads(readable(json.dumps(report.to_dict())))
 

@@ -9,6 +9,7 @@ import pandas as pd
 
 import annotations
 import segcore
+from segcore import evaluation_advice
 
 from .common import as_paths, gather_uploads, pct, readable, require, user_errors, zip_folder
 from .panel import Context, model_for, refresh_status
@@ -18,6 +19,13 @@ MASKS_MODE = "Prediction masks vs ground truth (no model)"
 SPACE_CHOICES = ["model", "voc", "cocostuff"]
 SCORE_ROWS = (("pixel_accuracy", "Pixel accuracy (PA)"), ("mean_accuracy", "Mean accuracy (MA)"),
               ("mean_iou", "Mean IoU (mIoU)"), ("fw_iou", "Frequency-weighted IoU (FWIoU)"))
+SCORE_COLUMNS = ["score", "%"]
+PER_IMAGE_COLUMNS = ["image", "mIoU %", "pixel accuracy %", "labelled pixels"]
+
+
+def empty_table(columns: list[str]) -> pd.DataFrame:
+    """What a table shows before a run: its column names, no rows (not Gradio's 1, 2, 3 placeholder)."""
+    return pd.DataFrame(columns=columns)
 
 
 def resolve_space(choice: str | None, labels_file, seg: segcore.Segmenter | None):
@@ -34,7 +42,7 @@ def resolve_space(choice: str | None, labels_file, seg: segcore.Segmenter | None
 
 def scores_table(result: segcore.EvaluationResult) -> pd.DataFrame:
     rows = [[label, pct(result.scores[key])] for key, label in SCORE_ROWS]
-    return pd.DataFrame(rows, columns=["score", "%"])
+    return pd.DataFrame(rows, columns=SCORE_COLUMNS)
 
 
 def per_image_table(result: segcore.EvaluationResult) -> pd.DataFrame:
@@ -44,7 +52,7 @@ def per_image_table(result: segcore.EvaluationResult) -> pd.DataFrame:
 
     rows = [[r["image"], pct(r["mean_iou"]), pct(r["pixel_accuracy"]), int(r["valid_pixels"])]
             for r in sorted(result.per_image, key=key)]
-    return pd.DataFrame(rows, columns=["image", "mIoU %", "pixel accuracy %", "labelled pixels"])
+    return pd.DataFrame(rows, columns=PER_IMAGE_COLUMNS)
 
 
 def issues_text(failures: list[dict], warnings: list[dict]) -> str:
@@ -79,13 +87,15 @@ def build(ctx: Context) -> None:
         run = gr.Button("Evaluate", variant="primary", elem_id="run-evaluate")
         summary = gr.Markdown(elem_id="eval-summary")
         with gr.Row():
-            scores = gr.Dataframe(label="Scores", interactive=False, elem_id="eval-scores")
+            scores = gr.Dataframe(empty_table(SCORE_COLUMNS), label="Scores", interactive=False,
+                                  elem_id="eval-scores")
             report = gr.File(label="Full report (zip: scores.json, CSVs, report.html, worst images)",
                              elem_id="eval-report")
         with gr.Row():
             bars = gr.Plot(label="Per-class IoU", show_label=False, elem_id="eval-bars")
             confusion = gr.Plot(label="Confusion matrix", show_label=False, elem_id="eval-confusion")
-        per_image = gr.Dataframe(label="Per image, worst first", interactive=False, elem_id="eval-per-image",
+        per_image = gr.Dataframe(empty_table(PER_IMAGE_COLUMNS), label="Per image, worst first", interactive=False,
+                                 elem_id="eval-per-image",
                                  max_height=320)
         gallery = gr.Gallery(label="Worst images: image | ground truth | prediction", columns=2, height=320,
                              object_fit="contain", format="png",
@@ -100,8 +110,11 @@ def build(ctx: Context) -> None:
 
     mode.change(switch, mode, [files, predictions, mapping], api_visibility="private", queue=False)
 
-    def evaluate(mode_name, annotation_files, prediction_files, mapping_file, label_space, labels_file,
-                 unknown_labels, weights, multiscale, crf, test_size, progress=gr.Progress(track_tqdm=True)):
+    # None defaults make the optional inputs optional for API clients (Gradio reads the signature); the
+    # others default to their component's value there
+    def evaluate(mode_name, annotation_files, prediction_files=None, mapping_file=None, label_space="model",
+                 labels_file=None, unknown_labels="error", weights=None, multiscale=False, crf=False, test_size=513,
+                 progress=gr.Progress(track_tqdm=True)):
         masks = mode_name == MASKS_MODE
         require(as_paths(annotation_files), "Upload ground-truth masks first." if masks else
                 "Upload labelme files (.json with their images) or a .zip first.")
@@ -128,6 +141,7 @@ def build(ctx: Context) -> None:
             out = job / "report"
             result = segcore.evaluate(seg, dataset, out_dir=out, progress=True, distributed=False,
                                       palette=space.palette)
+            evaluation_advice.raise_if_nothing_evaluated(result, evaluation_advice.APP)
             warnings = [{**w, "file": readable(w["file"])} for w in result.warnings]
             archive = zip_folder(out, job / "evaluation_report.zip")
             palette = space.palette

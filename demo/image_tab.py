@@ -9,7 +9,7 @@ import gradio as gr
 import segcore
 from segcore.prelabel import LabelmeWriter, dumps
 
-from .common import EXAMPLES_DIR, legend_html, safe_stem, user_errors
+from .common import EXAMPLES_DIR, UserError, legend_html, safe_stem, user_errors
 from .panel import Context, model_for, refresh_status
 
 
@@ -34,7 +34,7 @@ def path_image(**kwargs) -> gr.Image:
         except gr.Error:
             raise
         except Exception as exc:
-            raise gr.Error(f"{payload.orig_name or 'the image'}: not a readable image ({exc})") from exc
+            raise UserError(f"{payload.orig_name or 'the image'}: not a readable image ({exc})") from exc
 
     image.preprocess = preprocess
     return image
@@ -79,7 +79,7 @@ def build(ctx: Context) -> None:
 
     def segment_image(image, weights, multiscale, crf, test_size, opacity, progress=gr.Progress()):
         if not image:
-            raise gr.Error("Upload, paste or pick an example image first.")
+            raise UserError("Upload, paste or pick an example image first.")
         seg = model_for(ctx, weights, multiscale, crf, test_size, progress)
         name = Path(image).name
         with user_errors():

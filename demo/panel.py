@@ -9,7 +9,7 @@ import gradio as gr
 
 import segcore
 
-from .common import USER_ERRORS, AppConfig, WorkDir, as_paths, readable, user_errors
+from .common import USER_ERRORS, AppConfig, UserError, WorkDir, as_paths, readable, user_errors
 from .models import ModelStore
 
 LABEL_CHOICES = ["auto", "voc", "cocostuff"]
@@ -74,7 +74,7 @@ def build_panel(ctx: Context) -> None:
     def upload_checkpoint(file, label_set, labels_file, progress=gr.Progress()):
         paths = as_paths(file)
         if not paths:
-            raise gr.Error("Choose a checkpoint file (.pth or .safetensors) first.")
+            raise UserError("Choose a checkpoint file (.pth or .safetensors) first.")
         label_space = str(as_paths(labels_file)[0]) if as_paths(labels_file) else (
             None if label_set in (None, "", "auto") else label_set)
         progress(0.1, desc="Checking and loading the checkpoint")
@@ -103,7 +103,7 @@ def model_for(ctx: Context, weights, multiscale, crf, test_size, progress=None) 
         return ctx.store.segmenter(weights or ctx.store.default, multiscale=bool(multiscale), crf=bool(crf),
                                    test_size=int(test_size or 513), progress=progress)
     except segcore.DownloadError as exc:
-        raise gr.Error(f"The {weights} weights are not available: {readable(str(exc))}. "
+        raise UserError(f"The {weights} weights are not available: {readable(str(exc))}. "
                        "Or upload a checkpoint under Model ▸ Upload a checkpoint.", duration=None) from exc
     except USER_ERRORS as exc:
-        raise gr.Error(f"weights {weights}: {readable(str(exc))}", duration=None) from exc
+        raise UserError(f"weights {weights}: {readable(str(exc))}", duration=None) from exc

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from .common import readable, safe_stem, user_errors
+from .common import UserError, readable, safe_stem, user_errors
 from .panel import Context, model_for, refresh_status
 
 
@@ -79,11 +79,11 @@ def build(ctx: Context) -> None:
     def segment_video(video, weights, multiscale, crf, test_size, opacity, frame_stride, smooth,
                       request: gr.Request, progress=gr.Progress()):
         if not video:
-            raise gr.Error("Upload a video first.")
+            raise UserError("Upload a video first.")
         try:
             from segcore import video as segvideo
         except ImportError as exc:
-            raise gr.Error(f"Video support is not available on this server ({exc}).") from exc
+            raise UserError(f"Video support is not available on this server ({exc}).") from exc
         seg = model_for(ctx, weights, multiscale, crf, test_size, progress)
         dst = ctx.work.new("video") / f"{safe_stem(video, 'video')}_segmented.mp4"
         flag = flags.start(request)

@@ -4,7 +4,7 @@ from .caffe import convert_caffe_file, convert_caffemodel, read_backbone
 from .checkpoint import Checkpoint, load_model, read_checkpoint, save_checkpoint, validate_checkpoint
 from .crf import DenseCRF
 from .datasets import DatasetError, Sample, SegmentationDataset, open_dataset
-from .errors import CheckpointError, DownloadError, ImageError, SegcoreError
+from .errors import CheckpointError, DownloadError, ImageError, OptionError, SegcoreError
 from .evaluate import EvaluationError, EvaluationResult, evaluate
 from .image import check_image_size, load_image, resize_long_side
 from .metrics import ConfusionMatrix, MetricsError, compute_scores, image_scores, to_json_dict
@@ -38,7 +38,7 @@ __all__ = [*_REPORT, *_BATCH, "DatasetError", "EvaluationError", "EvaluationResu
            "convert_caffe_file", "convert_caffemodel", "read_backbone",
            "ConfusionMatrix", "MetricsError", "compute_scores", "image_scores", "to_json_dict",
     "BGR_MEAN", "MSC", "REGISTRY", "Checkpoint", "CheckpointError", "DeepLabV2", "DenseCRF", "DownloadError",
-    "ImageError", "ModelConfig", "Prediction", "SegcoreError", "Segmenter", "Weights", "build_model",
+    "ImageError", "ModelConfig", "OptionError", "Prediction", "SegcoreError", "Segmenter", "Weights", "build_model",
     "cache_dir", "download", "load_image", "load_model", "msc_forward", "palette_image", "read_checkpoint",
     "resize_long_side", "save_checkpoint", "check_image_size", "validate_checkpoint",
 ]

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import sys
+
+from annotations.cli_errors import CliParser, run_cli
 
 from .segmenter import PRECISIONS
 
@@ -20,14 +21,38 @@ COMMANDS = {
 }
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a number > 0."""
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+    return value
+
+
+def unit_interval(text: str) -> float:
+    """argparse type: a number in [0, 1] (an opacity)."""
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
 def add_model_arguments(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
     """Options every model-running command shares."""
     parser.add_argument("--weights", required=required,
                         help="registry name (voc12, cocostuff164k, cocostuff10k) or checkpoint path")
     parser.add_argument("--crf", action="store_true", help="refine with the dense CRF")
-    parser.add_argument("--scales", type=float, nargs="*", default=None,
+    parser.add_argument("--scales", type=positive_float, nargs="*", default=None,
                         help="extra input scales besides 1.0 (default 0.5 0.75; none for single scale)")
-    parser.add_argument("--test-size", type=int, default=513, help="long side the image is resized to")
+    parser.add_argument("--test-size", type=positive_int, default=513, help="long side the image is resized to")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     parser.add_argument("--precision", default="auto", choices=PRECISIONS,
                         help="auto: bf16 where the CPU/GPU has it, else fp32-fused (fp32 through fused kernels); "
@@ -45,7 +70,7 @@ def segmenter_from_args(args):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m segcore", description="DeepLab-v2 semantic segmentation")
+    parser = CliParser(prog="python -m segcore", description="DeepLab-v2 semantic segmentation")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_text) in COMMANDS.items():
         command = sub.add_parser(name, help=help_text, description=help_text)
@@ -56,14 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Exit codes: 0 done, 1 some files failed (named in the output), 2 bad input, 130 interrupted."""
+    import annotations
+
     from .errors import SegcoreError
 
     args = build_parser().parse_args(argv)
-    try:
-        return int(args._run(args) or 0)
-    except SegcoreError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_cli(lambda: args._run(args), (SegcoreError, annotations.AnnotationError))

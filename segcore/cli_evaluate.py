@@ -45,6 +45,7 @@ def _label_space_for(segmenter, labels):
 def run(args) -> int:
     from .datasets import open_dataset
     from .evaluate import EvaluationError, evaluate, init_distributed
+    from .evaluation_advice import raise_if_nothing_evaluated
     from .report import format_score_table
 
     masks = args.format == "masks" or (args.format == "auto" and args.pred is not None)
@@ -81,6 +82,7 @@ def run(args) -> int:
                             "mapping": None if args.map is None else str(args.map), "unknown": args.unknown})
         result = evaluate(segmenter, dataset, out_dir=args.out, progress=not args.no_progress,
                           options=options, worst=args.worst)
+        raise_if_nothing_evaluated(result)
         if rank == 0:
             print(format_score_table(result.scores, result.class_names))
             print(result.summary())

@@ -14,7 +14,7 @@ from .prelabel import DEFAULT_MIN_AREA, DEFAULT_TOLERANCE
 
 
 def add_arguments(parser):
-    from .cli import add_model_arguments
+    from .cli import add_model_arguments, unit_interval
 
     parser.add_argument("inputs", nargs="+", type=Path, metavar="INPUT",
                         help="image files, folders (searched recursively) or .zip files")
@@ -28,7 +28,7 @@ def add_arguments(parser):
                              "(and --probabilities)")
     parser.add_argument("--overwrite", action="store_true",
                         help="redo every image; without it a rerun skips finished images")
-    parser.add_argument("--opacity", type=float, default=0.5, help="overlay opacity (0..1)")
+    parser.add_argument("--opacity", type=unit_interval, default=0.5, help="overlay opacity (0..1)")
     parser.add_argument("--probabilities", action="store_true",
                         help="npz: also store float16 class probabilities (C x h x w, at the processing size)")
     labelme = parser.add_argument_group("labelme output")

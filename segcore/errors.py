@@ -15,3 +15,7 @@ class ImageError(SegcoreError):
 
 class DownloadError(SegcoreError):
     """Weights could not be fetched; the message says where to put the file by hand."""
+
+
+class OptionError(SegcoreError, ValueError):
+    """An option value is out of range or names something this machine does not have (a device)."""

@@ -24,6 +24,7 @@ from PIL import Image
 
 from .datasets import invalid_label_values
 from .errors import SegcoreError
+from .evaluation_advice import unknown_labels_of
 from .metrics import ConfusionMatrix, compute_scores, to_json_dict
 
 __all__ = ["EvaluationError", "EvaluationResult", "evaluate", "init_distributed"]
@@ -69,8 +70,7 @@ class EvaluationResult:
         line = f"{done} of {self.images} images evaluated"
         if self.failures:
             line += f", {len(self.failures)} failed:"
-            shown = [f"  {f['reason']}" if str(f["reason"]).startswith(str(f["file"]))
-                     else f"  {f['file']}: {f['reason']}" for f in self.failures[:20]]
+            shown = [f"  {failure_text(f)}" for f in self.failures[:20]]
             if len(self.failures) > 20:
                 shown.append(f"  ... and {len(self.failures) - 20} more (see scores.json)")
             line = "\n".join([line, *shown])
@@ -245,9 +245,10 @@ def evaluate(segmenter, dataset, *, out_dir=None, progress: bool = True, class_n
                                       f"pixels, the label {label.shape[1]}x{label.shape[0]}")
             hist = cm.update(label, pred, name=dataset.source(i))
         except (SegcoreError, OSError, ValueError) as exc:
-            failures.append({"index": i, "image": name, "file": _source(dataset, i), "reason": _reason(exc)})
+            failures.append({"index": i, "image": name, "file": _source(dataset, i), "reason": _reason(exc),
+                             "unknown_labels": unknown_labels_of(exc)})
             if rank == 0 and progress:
-                tqdm.write(f"FAILED {failures[-1]['file']}: {failures[-1]['reason']}", file=sys.stderr)
+                tqdm.write(f"FAILED {failure_text(failures[-1])}", file=sys.stderr)
             continue
         s = compute_scores(hist)
         row = {"image": name, "pixel_accuracy": s["pixel_accuracy"], "mean_iou": s["mean_iou"],
@@ -282,7 +283,7 @@ def evaluate(segmenter, dataset, *, out_dir=None, progress: bool = True, class_n
                               options=opts, images=total)
     if checkpoint is None and segmenter is not None:
         checkpoint = getattr(segmenter.model, "checkpoint", None)
-    if out_dir is not None and rank == 0:
+    if out_dir is not None and rank == 0 and result.per_image:  # no report of NaNs: see evaluation_advice
         result.report = write_outputs(result, out_dir, pal, checkpoint=checkpoint)
     return result
 
@@ -299,6 +300,12 @@ def _source(dataset, i: int) -> str:
         return dataset.source(i)
     except Exception:  # a dataset without source(): the index is all we have
         return f"item {i}"
+
+
+def failure_text(failure: dict) -> str:
+    """``file: reason``, naming the file once (most reasons already start with it)."""
+    file, reason = str(failure["file"]), str(failure["reason"])
+    return reason if reason.startswith(file) else f"{file}: {reason}"
 
 
 def _reason(exc: BaseException) -> str:

@@ -20,6 +20,7 @@ from annotations import palette_image
 
 from .checkpoint import load_model, resolve_checkpoint
 from .crf import DenseCRF
+from .errors import CheckpointError, OptionError
 from .image import MAX_IMAGE_PIXELS, load_image, resize_long_side
 from .model import BGR_MEAN, DEFAULT_SCALES, msc_forward
 
@@ -56,7 +57,7 @@ class Prediction:
         if base is None:
             raise ValueError("no image to overlay on: pass image=")
         if not 0.0 <= opacity <= 1.0:
-            raise ValueError(f"opacity must be in [0, 1], got {opacity}")
+            raise OptionError(f"opacity must be in [0, 1], got {opacity}")
         return blend_overlay(base, self.label_map, self.palette, opacity)
 
     def to_pil(self) -> Image.Image:
@@ -78,7 +79,16 @@ def blend_overlay(image: np.ndarray, label_map: np.ndarray, palette: np.ndarray,
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise OptionError(f"device {device!r}: not a device name; use auto, cpu, cuda or cuda:N") from exc
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (resolved.index or 0) >= count:
+            raise OptionError(f"device {device!r}: this machine has {count or 'no'} CUDA GPU(s); "
+                              "use auto or cpu" + (f", or cuda:0..cuda:{count - 1}" if count else ""))
+    return resolved
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -88,7 +98,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
     ``fp32`` runs the original model untouched, so its numbers are the reference's to the last bit."""
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        raise OptionError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision != "auto":
         return precision
     if device.type == "cuda":
@@ -135,7 +145,7 @@ class Segmenter:
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
         if int(test_size) < 8:
-            raise ValueError(f"test_size must be at least 8, got {test_size}")
+            raise OptionError(f"test size must be at least 8 pixels, got {test_size}")
         self.model = model.to(self.device).eval()
         self.class_names = tuple(class_names)
         self.palette = np.asarray(palette, dtype=np.uint8)
@@ -311,8 +321,9 @@ def _labels_for(ckpt, label_space) -> tuple[tuple[str, ...], np.ndarray]:
         space = annotations.get_label_space(by_count[ckpt.n_classes])
     names = tuple(space.class_names)
     if len(names) != ckpt.n_classes:
-        raise ValueError(f"label set {getattr(space, 'name', '?')} has {len(names)} classes, "
-                         f"the checkpoint {ckpt.n_classes}")
+        raise CheckpointError(f"{ckpt.path or 'checkpoint'}: the checkpoint has {ckpt.n_classes} classes but the label set "
+                              f"{getattr(space, 'name', '?')!r} has {len(names)}; give a labels file with "
+                              f"{ckpt.n_classes} class names (one per line), or weights trained on that label set")
     return names, np.asarray(space.palette, np.uint8)[: len(names)]
 
 

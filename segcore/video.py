@@ -30,7 +30,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .errors import SegcoreError
+from .errors import OptionError, SegcoreError
 from .image import MAX_IMAGE_PIXELS, resize_long_side
 from .segmenter import blend_overlay
 
@@ -195,13 +195,13 @@ def segment_video(segmenter, src, dst, *, opacity: float = 0.5, frame_stride: in
     started = time.perf_counter()
     src, dst = Path(src), Path(dst)
     if not 0.0 <= float(opacity) <= 1.0:
-        raise ValueError(f"opacity must be in [0, 1], got {opacity}")
+        raise OptionError(f"opacity must be in [0, 1], got {opacity}")
     if int(frame_stride) < 1:
-        raise ValueError(f"frame_stride must be at least 1, got {frame_stride}")
+        raise OptionError(f"frame_stride must be at least 1, got {frame_stride}")
     if not 0.0 <= float(smoothing) < 1.0:
-        raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
+        raise OptionError(f"smoothing must be in [0, 1), got {smoothing}")
     if int(batch_size) < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        raise OptionError(f"batch_size must be at least 1, got {batch_size}")
     frame_stride, batch_size, opacity = int(frame_stride), int(batch_size), float(opacity)
     if test_size is not None:
         segmenter = segmenter.with_options(test_size=int(test_size))

@@ -96,3 +96,23 @@ def test_cli_list_of_files(tmp_path):
     r = run_cli(files[0], files[2], tmp_path / "out", "--workers", "1")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "out/ImageSets/Segmentation/all.txt").read_text().split() == ["img_0000", "img_0002"]
+
+
+def test_cli_prints_its_warnings_the_first_twenty_and_where_the_rest_are(tmp_path):
+    img = make_image(np.random.default_rng(1), 40, 30)
+    outside = [{"label": "person", "points": [[-5, -5], [20, 0], [20, 20]], "shape_type": "polygon"}]
+    write_labelme(tmp_path / "one" / "a.json", outside, img)
+    r = run_cli(tmp_path / "one", tmp_path / "out1", "--quiet")
+    assert r.returncode == 0, r.stderr
+    shown = [line for line in r.stdout.splitlines() if line.startswith("warning: ")]
+    assert len(shown) == 1 and shown[0].startswith("warning: a.json shape 0: ") and "outside" in shown[0]
+    assert f"(all warnings are also in {tmp_path / 'out1' / 'report.json'})" in r.stdout
+
+    for k in range(25):  # 25 warnings: 20 shown, the count of the rest and the report's path
+        write_labelme(tmp_path / "many" / f"f{k:02d}.json", outside, img)
+    r = run_cli(tmp_path / "many", tmp_path / "out2", "--quiet")
+    assert r.returncode == 0, r.stderr
+    shown = [line for line in r.stdout.splitlines() if line.startswith("warning: ")]
+    assert len(shown) == 20 and shown[0].startswith("warning: f00.json")
+    assert f"... and 5 more warning(s) in {tmp_path / 'out2' / 'report.json'}" in r.stdout
+    assert len(json.loads((tmp_path / "out2" / "report.json").read_text())["warnings"]) == 25

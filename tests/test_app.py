@@ -323,6 +323,40 @@ def test_evaluate_reports_bad_files_and_unknown_labels(client, tmp_path):
              "voc", None, "error", *MODEL)
 
 
+def test_evaluate_and_convert_need_only_the_uploads(client, tmp_path):
+    """Optional inputs have defaults: keyword calls name only the files (the README's API example)."""
+    archive = labelme_zip(tmp_path, n=2, seed=3)
+    summary, scores, report_zip, *_ = client.predict(annotation_files=[handle_file(str(archive))],
+                                                     api_name="/evaluate")
+    assert "2 of 2 images evaluated" in summary and Path(report_zip).is_file()
+    assert [row[0] for row in scores["data"]][0] == "Pixel accuracy (PA)"
+    dataset_zip, text, report = client.predict(labelme_files=[handle_file(str(archive))], api_name="/convert")
+    assert text.startswith("2/2 files converted") and Path(dataset_zip).is_file()
+
+
+def test_evaluate_with_only_unknown_labels_says_why_and_draws_nothing(client, app_files, tmp_path):
+    def zebras_only(folder: Path):
+        for p in folder.iterdir():
+            p.unlink()
+        for name in ("z1", "z2"):
+            write_labelme(folder / f"{name}.json", [{"label": "zebra", "points": [[2, 2], [30, 2], [30, 30]],
+                                                     "shape_type": "polygon"}], np.full((40, 40, 3), 90, np.uint8))
+
+    archive = labelme_zip(tmp_path, n=1, seed=5, extra=zebras_only)
+    log_file = app_files[0] / "server" / "server.log"
+    logged_before = len(log_file.read_text())
+    with pytest.raises(Exception) as info:
+        client.predict(annotation_files=[handle_file(str(archive))], label_space="voc", api_name="/evaluate")
+    message = str(info.value)
+    assert "nothing could be evaluated" in message and "'zebra' in " in message
+    assert "annotations/z1.json" in message and "annotations/z2.json" in message  # relative to the upload
+    assert "Name mapping" in message and "Unknown labels: ignore" in message and "weights" in message
+    assert "/tmp/" not in message
+    # an expected error is one line in the server's log, not a traceback
+    logged = log_file.read_text()[logged_before:]
+    assert "refused: nothing could be evaluated" in logged and "Traceback" not in logged
+
+
 def test_evaluate_masks_without_a_model(client, tmp_path):
     gt, pred = tmp_path / "gt", tmp_path / "pred"
     gt.mkdir(), pred.mkdir()

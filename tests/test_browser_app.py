@@ -79,11 +79,11 @@ def page(browser, app_url):
     context.close()
 
 
-def set_fast_options(page):
+def set_fast_options(page, test_size: int = 65):
     """Single scale, test size 65: the tiny model answers at once."""
     page.get_by_label("Multi-scale").uncheck()
     size = page.locator("input[aria-label='number input for Test size']")
-    size.fill("65")
+    size.fill(str(test_size))
     size.press("Enter")
 
 
@@ -111,13 +111,67 @@ def test_evaluate_tab_draws_the_iou_chart(page, tmp_path):
     assert page.locator("#eval-bars .barlayer .point").count() > 0
     assert "Per-class IoU" in page.locator("#eval-bars").inner_text()
     assert "3 of 3 images evaluated" in page.locator("#eval-summary").inner_text()
+    # the worst-images gallery shows whole strips: each picture fills its tile at its own aspect
+    # ratio (not a square tile that crops it) and the first row lies inside the gallery's visible area
+    page.wait_for_selector("#eval-worst .thumbnail-item img")
+    page.wait_for_function("[...document.querySelectorAll('#eval-worst .thumbnail-item img')]"
+                           ".every(i => i.complete && i.naturalWidth > 0)")
+    boxes = page.evaluate("""() => {
+        const wrap = document.querySelector('#eval-worst .grid-wrap').getBoundingClientRect();
+        return [...document.querySelectorAll('#eval-worst .thumbnail-item')].map(t => {
+            const i = t.querySelector('img'), r = t.getBoundingClientRect(), q = i.getBoundingClientRect();
+            return {tile: [r.top, r.bottom, r.left, r.right], img: [q.top, q.bottom, q.left, q.right],
+                    ratio: q.width / q.height, natural: i.naturalWidth / i.naturalHeight,
+                    wrap: [wrap.top, wrap.bottom]};
+        });
+    }""")
+    assert len(boxes) == 3
+    for b in boxes:
+        (tt, tb, tl, tr), (it, ib, il, ir) = b["tile"], b["img"]
+        assert it >= tt - 1 and ib <= tb + 1 and il >= tl - 1 and ir <= tr + 1, b
+        assert abs(b["ratio"] - b["natural"]) < 0.05 * b["natural"], b  # no blank bands, nothing cut
+    first = boxes[0]
+    assert first["wrap"][0] - 1 <= first["tile"][0] and first["tile"][1] <= first["wrap"][1] + 1, first
+
+
+def test_evaluate_with_only_unknown_labels_shows_the_message_and_no_figures(page, tmp_path):
+    import numpy as np
+    from labelme_fixtures import write_labelme
+
+    folder = tmp_path / "zebras"
+    write_labelme(folder / "z.json", [{"label": "zebra", "points": [[2, 2], [30, 2], [30, 30]],
+                                       "shape_type": "polygon"}], np.full((40, 40, 3), 90, np.uint8))
+    archive = tmp_path / "zebras.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.write(folder / "z.json", "z.json")
+    set_fast_options(page)
+    page.get_by_role("tab", name="Evaluate").click()
+    # before a run the tables show their columns and no values (not Gradio's 1, 2, 3 placeholder)
+    assert "Pixel accuracy" not in page.locator("#eval-scores").inner_text()
+    assert "score" in page.locator("#eval-scores").inner_text()
+    page.locator("#eval-files input[type=file]").set_input_files(str(archive))
+    page.wait_for_selector("#eval-files [aria-label='zebras.zip']")
+    page.click("#run-evaluate")
+    toast = page.get_by_text("nothing could be evaluated", exact=False).first
+    toast.wait_for()
+    text = toast.inner_text()
+    assert "'zebra' in zebras.zip:z.json" in text and "Name mapping" in text
+    assert page.locator("#eval-bars .js-plotly-plot").count() == 0
+    assert page.locator("#eval-confusion .js-plotly-plot").count() == 0
+    assert page.locator("#eval-report a[download]").count() == 0
+    assert page.locator("#eval-worst .thumbnail-item").count() == 0
 
 
 # ----------------------------------------------------------------------------- screenshots
 
 
 def take_screenshots(out_dir: Path) -> list[Path]:
-    """One screenshot per tab, on a fresh app with a tiny random checkpoint (so the segmentations are noise)."""
+    """One screenshot per tab, on a fresh app.
+
+    By default with a tiny random checkpoint (the segmentations are noise). The README's come from a
+    trained model: SCREENSHOT_WEIGHTS (checkpoint), SCREENSHOT_IMAGE (Image tab), SCREENSHOT_ANNOTATIONS
+    (labelme .zip for Evaluate and Convert), SCREENSHOT_TEST_SIZE, optionally SCREENSHOT_VIDEO.
+    """
     import tempfile
 
     from playwright.sync_api import sync_playwright
@@ -133,7 +187,8 @@ def take_screenshots(out_dir: Path) -> list[Path]:
             page.set_default_timeout(300_000)
             page.goto(url)
             page.wait_for_selector("#image-input")
-            set_fast_options(page)
+            set_fast_options(page, int(os.environ.get("SCREENSHOT_TEST_SIZE") or 65))
+            annotations_zip = Path(os.environ.get("SCREENSHOT_ANNOTATIONS") or make_labelme_zip(tmp, n=4))
 
             def shot(name, full=False):
                 page.wait_for_timeout(800)
@@ -141,7 +196,8 @@ def take_screenshots(out_dir: Path) -> list[Path]:
                 page.screenshot(path=str(path), full_page=full)
                 shots.append(path)
 
-            page.locator("#image-input input[type=file]").set_input_files(str(REPO / "examples" / "astronaut.jpg"))
+            image = os.environ.get("SCREENSHOT_IMAGE") or str(REPO / "examples" / "astronaut.jpg")
+            page.locator("#image-input input[type=file]").set_input_files(image)
             page.click("#segment-image")
             page.wait_for_selector("#legend table.segcore-legend")
             shot("image", full=True)
@@ -164,15 +220,16 @@ def take_screenshots(out_dir: Path) -> list[Path]:
             shot("webcam")
 
             page.get_by_role("tab", name="Evaluate").click()
-            page.locator("#eval-files input[type=file]").set_input_files(str(make_labelme_zip(tmp, n=4)))
-            page.wait_for_selector("#eval-files [aria-label='my_annotations.zip']")
+            page.locator("#eval-files input[type=file]").set_input_files(str(annotations_zip))
+            page.wait_for_selector(f"#eval-files [aria-label='{annotations_zip.name}']")
             page.click("#run-evaluate")
             page.wait_for_selector("#eval-bars .js-plotly-plot")
+            page.wait_for_selector("#eval-worst .thumbnail-item img")
             shot("evaluate", full=True)
 
             page.get_by_role("tab", name="Convert").click()
-            page.locator("#convert-files input[type=file]").set_input_files(str(tmp / "my_annotations.zip"))
-            page.wait_for_selector("#convert-files [aria-label='my_annotations.zip']")
+            page.locator("#convert-files input[type=file]").set_input_files(str(annotations_zip))
+            page.wait_for_selector(f"#convert-files [aria-label='{annotations_zip.name}']")
             page.click("#run-convert")
             page.wait_for_selector("#convert-dataset a[download='dataset.zip']")
             shot("convert", full=True)

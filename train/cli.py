@@ -7,14 +7,15 @@ saving checkpoints/last.pth.
 
 from __future__ import annotations
 
-import argparse
-import sys
+from annotations.cli_errors import CliParser, run_cli
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m train", description="Train DeepLab-v2 (ResNet-101, MSC). "
+def build_parser() -> CliParser:
+    p = CliParser(prog="python -m train", description="Train DeepLab-v2 (ResNet-101, MSC). "
                                 "Multi-GPU/multi-node: launch the same command with torchrun.")
-    p.add_argument("--config", required=True, help="YAML config, e.g. train/configs/voc12.yaml")
+    p.add_argument("--config", required=True,
+                   help="YAML config (e.g. train/configs/voc12.yaml), or a shipped config's name: smoke, voc12, "
+                        "cocostuff10k, cocostuff164k, labelme_finetune")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value (YAML syntax), e.g. --set solver.iterations=100; repeatable")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pth")
@@ -23,24 +24,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _run(args) -> int:
+    from .config import dump_config, load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        print(dump_config(cfg), end="")
+        return 0
+    from .engine import train
+
+    return train(cfg, args.out, resume=args.resume).exit_code
+
+
 def main(argv=None) -> int:
+    import annotations
     from segcore.errors import SegcoreError
 
     args = build_parser().parse_args(argv)
-    try:
-        from .config import dump_config, load_config
-
-        cfg = load_config(args.config, args.overrides)
-        if args.print_config:
-            print(dump_config(cfg), end="")
-            return 0
-        from .engine import train
-
-        result = train(cfg, args.out, resume=args.resume)
-        return result.exit_code
-    except SegcoreError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted (no checkpoint written for the unfinished step)", file=sys.stderr)
-        return 130
+    return run_cli(lambda: _run(args), (SegcoreError, annotations.AnnotationError),
+                   interrupted="interrupted (no checkpoint written for the unfinished step)")

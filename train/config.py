@@ -278,11 +278,25 @@ def config_from_dict(data: dict, overrides=()) -> TrainConfig:
     return _validate(_from_dict(TrainConfig, data, ""))
 
 
+SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+def find_config(path: str | Path) -> Path:
+    """A config file, or the name of one shipped in train/configs (``smoke``, ``voc12``, ...), so the
+    installed ``segcore-train --config smoke`` works from any folder."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    shipped = SHIPPED_CONFIGS / f"{path.name}.yaml"
+    if path.parent == Path(".") and not path.suffix and shipped.is_file():
+        return shipped
+    names = ", ".join(sorted(p.stem for p in SHIPPED_CONFIGS.glob("*.yaml")))
+    raise ConfigError(f"{path}: no such config file (or give a shipped config by name: {names})")
+
+
 def load_config(path: str | Path, overrides=()) -> TrainConfig:
     """Read a YAML config, apply ``--set`` overrides, validate, and return a :class:`TrainConfig`."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such config file")
+    path = find_config(path)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
