@@ -15,7 +15,7 @@ import gradio as gr
 from segcore.batch import MANIFEST, Inputs, predict_files
 from segcore.prelabel import DEFAULT_MIN_AREA, DEFAULT_TOLERANCE
 
-from .common import as_paths, readable, safe_stem, user_errors, zip_folder
+from .common import UserError, as_paths, readable, safe_stem, user_errors, zip_folder
 from .panel import Context, model_for, refresh_status
 
 MAX_IMAGES = 200
@@ -44,10 +44,10 @@ def build(ctx: Context) -> None:
                 table = gr.Dataframe(headers=["image", "round trip (% of pixels)"], label="Per image",
                                      elem_id="prelabel-table", interactive=False)
 
-    def prelabel(zip_file, weights, multiscale, crf, test_size, tol, area, progress=gr.Progress()):
+    def prelabel(zip_file, weights, multiscale, crf, test_size, tolerance, min_area, progress=gr.Progress()):
         paths = as_paths(zip_file)
         if not paths or paths[0].suffix.lower() != ".zip":
-            raise gr.Error("Upload a .zip of images first.")
+            raise UserError("Upload a .zip of images first.")
         seg = model_for(ctx, weights, multiscale, crf, test_size, progress)
         job = ctx.work.new("prelabel")
         name = f"{safe_stem(paths[0])}_labelme"
@@ -60,10 +60,10 @@ def build(ctx: Context) -> None:
                 result = predict_files(
                     seg, found, out, ("labelme",), progress=False, decode_workers=1,
                     on_image=lambda done, total: progress((done, total), desc="Pre-labelling", unit="images"),
-                    tolerance=float(tol if tol is not None else DEFAULT_TOLERANCE),
-                    min_area=int(area if area is not None else DEFAULT_MIN_AREA))
+                    tolerance=float(tolerance if tolerance is not None else DEFAULT_TOLERANCE),
+                    min_area=int(min_area if min_area is not None else DEFAULT_MIN_AREA))
             if not result.done:
-                raise gr.Error("No image could be read:\n" + readable(_failures(result)), duration=None)
+                raise UserError("No image could be read:\n" + readable(_failures(result)), duration=None)
             (out / MANIFEST).unlink(missing_ok=True)
             archive_path = zip_folder(out, job / f"{name}.zip")
         except BaseException:
@@ -89,9 +89,9 @@ def build(ctx: Context) -> None:
 def _check_count(count: int) -> None:
     """Refuse an empty zip, or one above :data:`MAX_IMAGES`, before any model work."""
     if count == 0:
-        raise gr.Error("The zip holds no images (.jpg, .png, .bmp, .tif, .webp).")
+        raise UserError("The zip holds no images (.jpg, .png, .bmp, .tif, .webp).")
     if count > MAX_IMAGES:
-        raise gr.Error(f"The zip holds {count} images; this app pre-labels up to {MAX_IMAGES} at a time.")
+        raise UserError(f"The zip holds {count} images; this app pre-labels up to {MAX_IMAGES} at a time.")
 
 
 def _failures(result) -> str:
