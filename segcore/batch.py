@@ -110,13 +110,14 @@ class Inputs(contextlib.AbstractContextManager):
             target = self._tmp / f"zip{i}"
             try:
                 annotations.safe_extract_zip(path, target, max_bytes=max_zip_bytes, max_files=max_zip_files)
-            except annotations.AnnotationError as exc:
-                raise PredictError(str(exc)) from exc
+            except annotations.AnnotationError as exc:  # named in the report; the other inputs still run
+                self.failed[str(path)] = str(exc).removeprefix(f"{path}: ")
+                return
             self._folder(target, target, shown=path)
         elif path.is_file():
             self.images.append(InputImage(path, PurePosixPath(path.name)))
         else:
-            raise PredictError(f"{path}: no such file or folder")
+            self.failed[str(path)] = "no such file or folder"
 
     def _folder(self, folder: Path, root: Path, shown: Path | None = None) -> None:
         def unreadable(exc: OSError) -> None:
@@ -442,6 +443,9 @@ def predict_files(segmenter, inputs, out, formats=("png",), *, progress: bool = 
     with found:
         if not found.images and not found.failed:
             raise PredictError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {', '.join(map(str, inputs))}")
+        if rank == 0:
+            for name, message in found.failed.items():  # named as they are found, like unreadable images
+                print(f"FAILED {name}: {message}", file=sys.stderr)
         predictor.prepare(found.images, rank)
         _barrier(world)
         result = predictor.run(found.images, rank=rank, world=world, progress=progress, on_image=on_image,

@@ -176,8 +176,10 @@ def test_zip_input_mirrors_its_members_and_a_hostile_zip_is_refused(tmp_path):
     assert (tmp_path / "out/trip/day1/a.json").is_file() and (tmp_path / "out/trip/day1/a.jpg").is_file()
     with zipfile.ZipFile(tmp_path / "evil.zip", "w") as zf:
         zf.writestr("../escape.jpg", b"x")
-    proc = predict(tmp_path / "evil.zip", "--weights", ckpt, *FAST, "--out", tmp_path / "out2")
-    assert proc.returncode == 2 and "escapes the target folder" in proc.stderr and "Traceback" not in proc.stderr
+    proc = predict(tmp_path / "evil.zip", tmp_path / "a.jpg", "--weights", ckpt, *FAST, "--out", tmp_path / "out2")
+    # the hostile zip is named and skipped like a bad image; the other input still runs
+    assert proc.returncode == 1 and "escapes the target folder" in proc.stderr and "Traceback" not in proc.stderr
+    assert "FAILED " + str(tmp_path / "evil.zip") in proc.stderr and (tmp_path / "out2/a.png").is_file()
     assert not (tmp_path / "escape.jpg").exists()
 
 
