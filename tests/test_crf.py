@@ -119,6 +119,7 @@ def test_restriction_runs_only_when_it_is_cheaper(image):
 
 
 def _peak_numpy_bytes(fn):
+    fn()  # imports and first-call allocations are not the CRF's
     tracemalloc.start()
     try:
         fn()
@@ -129,9 +130,9 @@ def _peak_numpy_bytes(fn):
 
 @pytest.mark.parametrize("n_classes,active", [(21, 21), (182, 4)])
 def test_no_extra_full_size_copies(image, n_classes, active):
-    """The full path holds the unary and the result (two CxHxW arrays); the restricted one the result and a
-    few rows. The reference's unary_from_softmax path held four."""
+    """The full path holds one CxHxW array at a time (the unary, then the result); the restricted one the
+    result and a few rows. The reference's unary_from_softmax path peaks at three."""
     probs = softmax(smooth_logits(n_classes, 8, active=active))
     peak = _peak_numpy_bytes(lambda: DenseCRF().refine(image, probs))
-    limit = 2.2 if active == n_classes else 1.3
+    limit = 1.3
     assert peak <= limit * probs.nbytes, peak / probs.nbytes
