@@ -112,10 +112,10 @@ def test_full_path_is_the_reference_crf(image):
 
 
 def test_restriction_runs_only_when_it_is_cheaper(image):
-    probs = softmax(smooth_logits(21, 7, active=19))  # (19 + 1) channels x 11 steps ≥ 21 channels x 10
+    probs = softmax(smooth_logits(21, 7, active=18))  # (18 + 1 + 3) x 11 steps ≥ (21 + 3) x 10
     run = DenseCRF().refine(image, probs)
     assert run.path == "full" and run.reason == "restriction not cheaper"
-    assert len(DenseCRF().refine(image, softmax(smooth_logits(21, 7, active=18))).kept) == 18  # 209 < 210
+    assert len(DenseCRF().refine(image, softmax(smooth_logits(21, 7, active=17))).kept) == 17  # 231 < 240
 
 
 def _peak_numpy_bytes(fn):
