@@ -53,7 +53,7 @@ import numpy as np
 
 CLIP = 1e-5  # pydensecrf.utils.unary_from_softmax's floor: every class keeps at least this much unary mass
 # One mean-field step on M channels costs about as much as M + 3 channels' arithmetic: the lattice's per-step
-# work that does not grow with M (513x385 photo, 10 steps, one run: 1 channel 0.42 s, 6 channels 0.97 s, 21: 2.7 s).
+# work that does not grow with M (513x385 photo, 10 steps, one run: 1 channel 0.42 s, 6: 0.97 s, 21: 2.7 s).
 STEP_OVERHEAD_CHANNELS = 3
 
 
@@ -65,7 +65,7 @@ class CRFRun:
     path: str  # "full", "restricted", or "fallback" (the restriction's checks failed; the full CRF ran)
     reason: str
     kept: tuple[int, ...]  # the classes the mean field ran on (every class unless path == "restricted")
-    dropped_bound: float = 0.0  # ū: no dropped class exceeds this probability in any iteration of the full CRF
+    dropped_bound: float = 0.0  # ū: no dropped class exceeds this probability in the full CRF's iterations
     normaliser_error: float = 0.0  # η: relative error of the kept classes' normaliser vs the full CRF's
 
 
@@ -128,7 +128,7 @@ class DenseCRF:
         return crf
 
     def _full(self, image, flat, h, w) -> np.ndarray:
-        """The reference: pydensecrf on every class (``unary_from_softmax``'s values, one copy of ``probs``)."""
+        """The reference: pydensecrf on every class (``unary_from_softmax``'s values; one copy of probs)."""
         unary = np.clip(flat, CLIP, 1.0)
         np.log(unary, out=unary)
         np.negative(unary, out=unary)
@@ -198,7 +198,7 @@ class DenseCRF:
 
 
 def _dropped_bound(p: float, b: float, iterations: int) -> float:
-    """ū = u_{T-1} of u₀ = p, uₙ₊₁ = p·exp(b·uₙ): the dropped classes' largest probability in any iteration."""
+    """ū = u_{T-1} of u₀ = p, uₙ₊₁ = p·exp(b·uₙ): a dropped class's largest probability in any iteration."""
     u = p
     for _ in range(max(iterations - 1, 0)):
         if b * u > 700:  # past float range: no useful bound

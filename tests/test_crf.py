@@ -64,7 +64,7 @@ def test_output_keeps_the_full_crfs_shape_and_normalisation(image):
     assert run.probs.shape == probs.shape and run.probs.dtype == np.float32
     assert run.probs.min() >= 0 and np.allclose(run.probs.sum(0), 1, atol=1e-5)
     dropped = np.setdiff1d(np.arange(182), run.kept)
-    assert run.probs[dropped].max() <= run.dropped_bound * 1.01  # what the bound says of the full CRF holds here
+    assert run.probs[dropped].max() <= run.dropped_bound * 1.01  # the full CRF's bound holds here too
     assert np.array_equal(DenseCRF()(image, probs), run.probs)  # __call__ is refine's probabilities
 
 
