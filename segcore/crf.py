@@ -55,6 +55,7 @@ CLIP = 1e-5  # pydensecrf.utils.unary_from_softmax's floor: every class keeps at
 # One mean-field step on M channels costs about as much as M + 3 channels' arithmetic: the lattice's per-step
 # work that does not grow with M (513x385 photo, 10 steps, one run: 1 channel 0.42 s, 6: 0.97 s, 21: 2.7 s).
 STEP_OVERHEAD_CHANNELS = 3
+FLOAT_MARGIN = 1e-4  # check A's slack for pydensecrf's float32 exp and normalisation
 
 
 @dataclass(frozen=True)
@@ -176,7 +177,7 @@ class DenseCRF:
         with np.errstate(over="ignore", invalid="ignore"):
             growth = np.exp(b * bound)  # exp(B(i) ū): how far a dropped class's score can grow at i
             eta = float((rest * (growth - 1) / z_hat).max())
-            could_win = not (dmax * growth < kmax).all()
+            could_win = not (dmax * growth * (1 + FLOAT_MARGIN) < kmax).all()
         if not could_win and eta <= self.restrict_tolerance:
             return CRFRun(self._map_back(crf, flat, kept, dropped, rest, h, w), "restricted",
                           f"{len(kept)} of {n_classes} classes", tuple(int(c) for c in kept), bound, eta)
