@@ -87,7 +87,7 @@ class DenseCRF:
     bi_rgb_std: float = 3
     restrict: bool = True
     restrict_threshold: float = 1e-3
-    restrict_tolerance: float = 1e-4
+    restrict_tolerance: float = 1e-3
 
     def __call__(self, image: np.ndarray, probs: np.ndarray) -> np.ndarray:
         """``image``: HxWx3 uint8; ``probs``: CxHxW softmax. Returns refined CxHxW probabilities.

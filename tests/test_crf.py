@@ -88,15 +88,15 @@ def test_a_dropped_class_that_would_win_makes_the_full_crf_run(image):
 
 
 def test_mass_spread_over_many_dropped_classes_makes_the_full_crf_run(image):
-    """170 classes just under the threshold everywhere hold 15% of the mass: check B's bound exceeds the
+    """179 classes just under the threshold everywhere hold 18% of the mass: check B's bound exceeds the
     tolerance, so the full CRF runs."""
     logits = smooth_logits(182, 5, active=3)
     probs = softmax(logits)
-    probs[3:173] = 0.9e-3
+    probs[3:] = 0.99e-3
     probs[:3] *= (1 - probs[3:].sum(0)) / probs[:3].sum(0)
     run = DenseCRF().refine(image, probs)
     assert run.path == "fallback" and "check B" in run.reason
-    assert run.normaliser_error > DenseCRF().restrict_tolerance
+    assert run.normaliser_error > 1.2 * DenseCRF().restrict_tolerance, run.normaliser_error
     assert np.array_equal(run.probs, RefCRF()(image, probs).astype(np.float32))
 
 
