@@ -7,10 +7,10 @@ import tracemalloc
 
 import numpy as np
 import pytest
-from factories import scene_image
+from factories import scene_image, tiny_checkpoint
 from reference_deeplab import DenseCRF as RefCRF
 
-from segcore import DenseCRF
+from segcore import DenseCRF, Segmenter
 
 H, W = 48, 64
 
@@ -136,3 +136,16 @@ def test_no_extra_full_size_copies(image, n_classes, active):
     peak = _peak_numpy_bytes(lambda: DenseCRF().refine(image, probs))
     limit = 1.3
     assert peak <= limit * probs.nbytes, peak / probs.nbytes
+
+
+def test_segmenter_uses_the_restricted_crf_by_default(tmp_path):
+    """A 182-class model with CRF on: the default DenseCRF restricts, and the labels are the full CRF's."""
+    ckpt = tiny_checkpoint(tmp_path / "tiny182.pth", n_classes=182, seed=1)
+    seg = Segmenter.from_pretrained(str(ckpt), crf=True, scales=(), test_size=65, device="cpu",
+                                    precision="fp32")
+    rgb = scene_image(49, 65, seed=2)  # long side == test_size: the CRF sees this very image
+    probs = seg.with_options(crf=False).predict(rgb, return_probs=True).probabilities
+    assert seg.crf_params.refine(rgb, probs).path == "restricted"
+    reference = seg.with_options(crf_params=DenseCRF(restrict=False)).predict(rgb).label_map
+    assert len(np.unique(reference)) > 1
+    assert np.array_equal(seg.predict(rgb).label_map, reference)
