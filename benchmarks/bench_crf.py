@@ -7,7 +7,7 @@ one ``DenseCRF`` runs by default (``segcore/crf.py``), 21 and 182 classes at 513
   ``~/.cache/segcore-bench`` (``SEGCORE_BENCH_CACHE``); a few minutes per class count the first time. Images:
   mosaics of 64-pixel generated scenes (the size it trained at), single-scale fp32 softmax.
 * ``synthetic``: smooth random logits where 4 classes compete and 8 more are faint (a peaked model's shape).
-* ``random_weights``: a tiny random-weight DeepLab-v2: a nearly flat softmax, every class carries mass.
+* ``random_weights``: a tiny random-weight DeepLab-v2: a flatter softmax, many classes carry some mass.
 
 Full and restricted alternate rep by rep on the first image (medians); every image adds one full and one
 restricted run to the argmax agreement. ``--quick``: 97x129, no trained stand-in, one rep.
@@ -16,6 +16,7 @@ restricted run to the argmax agreement. ``--quick``: 97x129, no trained stand-in
 from __future__ import annotations
 
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -37,6 +38,7 @@ def trained_standin(n_classes: int) -> Path:
     out = cache_dir() / f"crf-standin-{n_classes}-{TRAIN_ITERATIONS}"
     final = out / "checkpoints" / "final.pth"
     if not final.is_file():
+        shutil.rmtree(out, ignore_errors=True)  # an interrupted run of ours: start it again
         names = ["background", "disc", "square", "triangle"] + [f"unused{i}" for i in range(4, n_classes)]
         cmd = [sys.executable, "-m", "train", "--config", "train/configs/smoke.yaml", "--out", str(out),
                "--set", f"model.n_classes={n_classes}", "--set", f"data.class_names=[{','.join(names)}]",
