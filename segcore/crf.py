@@ -11,7 +11,8 @@ mean field only on the classes that can matter, when it can prove that the other
 lattice's non-negative weights, ``D`` its row sums) and ``Z(i)`` the sum over classes. Classes interact
 only through ``Z(i)``. With ``B(i) = Σ_k w_k (K̃_k 1)(i)`` (measured on the lattice with one mean-field
 step on ``Q = 1``; it exceeds ``Σ w_k`` at some pixels, 3.9–8.6 for the reference's 3 + 4 on a 513x385
-photo) and ``w_k ≥ 0``: ``0 ≤ m_c(i) ≤ B(i) · max_j Q_c(j)`` and ``Z(i) ≥ Σ_c p̂_c(i) =: Ẑ(i) ≥ 1``.
+photo) and ``w_k ≥ 0``: ``0 ≤ m_c(i) ≤ B(i) · max_j Q_c(j)`` and ``Z(i) ≥ Σ_c p̂_c(i) =: Ẑ(i)``
+(≥ 1 for a softmax).
 
 **Restriction.** Kept classes ``S``: peak probability ``≥ restrict_threshold`` somewhere in the image.
 The dropped classes ``D`` become one *rest* channel with unary ``r(i) = Σ_D p̂_d(i)`` and no pairwise
@@ -19,23 +20,24 @@ term, so the mean field runs on ``|S| + 1`` channels. ``Q⁰`` is then exactly t
 
 **Bounds, known before the iterations run.** Let ``P = max_{d∈D, i} p̂_d(i) / Ẑ(i)`` and
 ``B̄ = max_i B(i)``. In the *full* CRF every dropped class obeys ``max Qᵗ⁺¹_d ≤ P · exp(B̄ · max Qᵗ_d)``,
-so ``ū = uₜ₋₁`` of ``u₀ = P, uₙ₊₁ = P · exp(B̄ uₙ)`` bounds every dropped class's probability in every
+so ``ū = u_{T-1}`` of ``u₀ = P, uₙ₊₁ = P · exp(B̄ uₙ)`` bounds every dropped class's probability in every
 iteration that feeds a message (``ū ≈ P`` while ``P · B̄ · e < 1``; it explodes beyond). Then:
 
 * **(A) no dropped class wins anywhere**, exactly: the full CRF's final score of ``d`` at ``i`` is
   ``p̂_d(i) exp(m_d(i)) ≤ p̂_d(i) exp(B(i) ū)`` and the kept winner's is at least ``max_S p̂_c(i)``
-  (messages are ≥ 0). If ``max_D p̂_d(i) · exp(B(i) ū) < max_S p̂_c(i)`` at every pixel, the full CRF's
-  argmax is a kept class everywhere, and so is ours (the output's dropped rows are ``p̂_d / Z``).
+  (messages are ≥ 0). If ``max_D p̂_d(i) · exp(B(i) ū) < max_S p̂_c(i)`` at every pixel (with a 1e-4
+  relative margin for float32 rounding), the full CRF's argmax is a kept class everywhere, and so is ours
+  (the output's dropped rows are ``p̂_d / Z``).
 * **(B) the kept classes see the full CRF's normaliser** to a relative error of at most
   ``η = max_i r(i) · (exp(B(i) ū) − 1) / Ẑ(i)`` at every step (the rest channel holds ``r(i)``, the
   dropped classes hold between ``r(i)`` and ``r(i) exp(B(i) ū)``), i.e. the restricted mean field is the
   full one with each kept probability scaled by a factor within ``1 ± η``.
 
-When (A) fails or ``η > restrict_tolerance``, the full CRF runs instead
-(``path="fallback"``). With ``η = 0`` the restricted mean field *is* the full one on ``S``; for ``η > 0``
-mean field can amplify a perturbation by up to ``B̄ / 2`` per iteration (softmax's Lipschitz constant is ½),
-so the order of two kept classes that end within about ``B̄ η`` of each other is not proven. It is measured:
-the benchmark compares labels with the full CRF (``python -m benchmarks --only crf``).
+When (A) fails or ``η > restrict_tolerance``, the full CRF runs instead (``path="fallback"``). With
+``η = 0`` the restricted mean field *is* the full one on ``S``; for ``η > 0`` mean field can amplify a
+perturbation by up to ``B̄ / 2`` per iteration (softmax's Lipschitz constant is ½), so the order of two
+kept classes that end within about ``B̄ η`` of each other is not proven. It is measured: the benchmark
+compares labels with the full CRF (``python -m benchmarks --only crf``).
 
 The output keeps the full CRF's shape and normalisation: kept rows are the mean field's, dropped rows
 share the rest channel's probability in proportion to ``p̂_d`` (the full CRF's value up to the factor
