@@ -26,6 +26,9 @@ def test_quick_suite_writes_every_result(tmp_path):
         figures = inference[setting]
         assert figures["speedup"] > 0 and 0.9 <= figures["agreement_min"] <= 1.0
         assert figures["fp32_fused_speedup"] > 0 and figures["fp32_fused_agreement_min"] >= 0.999
+    crf = records["crf"]["result"]
+    for key in ("classes_21_synthetic", "classes_182_synthetic"):  # peaked inputs: the restricted CRF runs
+        assert crf[key]["paths"][0].startswith("restricted") and crf[key]["agreement_min"] >= 0.999
     video = records["video"]["result"]
     assert 0 <= video["throughput"]["outside_model_share"] < 1
     assert video["memory"]["long_frames"] > video["memory"]["short_frames"]
