@@ -16,6 +16,8 @@ from .panel import Context, model_for, refresh_status
 MODEL_MODE = "Model on labelme annotations"
 MASKS_MODE = "Prediction masks vs ground truth (no model)"
 SPACE_CHOICES = ["model", "voc", "cocostuff"]
+PROTOCOL_INFO = ("resize: long side to the test size (bounded work; for photos). reference: deeplab-pytorch's "
+                 "test loop, every image at its native size (the published scores' protocol; slow on large photos)")
 SCORE_ROWS = (("pixel_accuracy", "Pixel accuracy (PA)"), ("mean_accuracy", "Mean accuracy (MA)"),
               ("mean_iou", "Mean IoU (mIoU)"), ("fw_iou", "Frequency-weighted IoU (FWIoU)"))
 
@@ -74,6 +76,8 @@ def build(ctx: Context) -> None:
                     space = gr.Dropdown(SPACE_CHOICES, value="model", label="Label space",
                                         info="model: the selected weights' classes")
                     unknown = gr.Radio(["error", "ignore"], value="error", label="Unknown labels")
+                protocol = gr.Radio(list(segcore.PROTOCOLS), value=segcore.default_protocol("labelme"),
+                                    label="Protocol", info=PROTOCOL_INFO, elem_id="eval-protocol")
                 labels = gr.File(label="labels.txt (optional, overrides the label space)", file_types=[".txt"],
                                  height=120)
         run = gr.Button("Evaluate", variant="primary", elem_id="run-evaluate")
@@ -101,7 +105,8 @@ def build(ctx: Context) -> None:
     mode.change(switch, mode, [files, predictions, mapping], api_visibility="private", queue=False)
 
     def evaluate(mode_name, annotation_files, prediction_files, mapping_file, label_space, labels_file,
-                 unknown_labels, weights, multiscale, crf, test_size, progress=gr.Progress(track_tqdm=True)):
+                 unknown_labels, weights, multiscale, crf, test_size, protocol_name=None,
+                 progress=gr.Progress(track_tqdm=True)):
         masks = mode_name == MASKS_MODE
         require(as_paths(annotation_files), "Upload ground-truth masks first." if masks else
                 "Upload labelme files (.json with their images) or a .zip first.")
@@ -126,15 +131,16 @@ def build(ctx: Context) -> None:
                                                unknown=unknown_labels or "error")
             progress(0.0, desc="Evaluating")
             out = job / "report"
-            result = segcore.evaluate(seg, dataset, out_dir=out, progress=True, distributed=False,
-                                      palette=space.palette)
+            result = segcore.evaluate(seg, dataset, protocol=protocol_name or None, out_dir=out, progress=True,
+                                      distributed=False, palette=space.palette)
             warnings = [{**w, "file": readable(w["file"])} for w in result.warnings]
             archive = zip_folder(out, job / "evaluation_report.zip")
             palette = space.palette
             bar_fig = segcore.class_iou_figure(result.scores, result.class_names, palette)
             conf_fig = segcore.confusion_figure(result.scores, result.class_names)
-        what = f"`{seg.name}` ({'multi-scale' if seg.scales else 'single scale'}{', CRF' if seg.crf else ''}, " \
-               f"test size {seg.test_size})" if seg is not None else "stored predictions"
+        what = f"`{seg.name}` ({result.options['protocol']['name']} protocol, images " \
+               f"{result.options['protocol']['image_size']}, {'multi-scale' if seg.scales else 'single scale'}" \
+               f"{', CRF' if seg.crf else ''}, {seg.precision})" if seg is not None else "stored predictions"
         text = f"**{len(result.per_image)} of {result.images} images evaluated** with {what}"
         if result.failures:
             text += f"; **{len(result.failures)} failed** (see below)"
@@ -142,7 +148,8 @@ def build(ctx: Context) -> None:
         return (text + ".", scores_table(result), str(archive), bar_fig, conf_fig, per_image_table(result),
                 gallery_items, issues_text(result.failures, warnings))
 
-    event = run.click(evaluate, [mode, files, predictions, mapping, space, labels, unknown, *ctx.model_inputs()],
+    event = run.click(evaluate, [mode, files, predictions, mapping, space, labels, unknown, *ctx.model_inputs(),
+                                 protocol],
               [summary, scores, report, bars, confusion, per_image, gallery, issues], api_name="evaluate",
               concurrency_id="model")
     refresh_status(ctx, event)

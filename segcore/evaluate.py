@@ -25,6 +25,7 @@ from PIL import Image
 from .datasets import invalid_label_values
 from .errors import SegcoreError
 from .metrics import ConfusionMatrix, compute_scores, to_json_dict
+from .protocol import Protocol, predict_sample, protocol_for, published_scores
 
 __all__ = ["EvaluationError", "EvaluationResult", "evaluate", "init_distributed"]
 
@@ -55,6 +56,9 @@ class EvaluationResult:
     options: dict
     images: int = 0
     report: dict[str, Path] = field(default_factory=dict)
+    published: dict | None = None
+    """The registry's published figures this run is comparable with (see
+    :func:`segcore.protocol.published_scores`), else None."""
 
     @property
     def ok(self) -> bool:
@@ -173,13 +177,18 @@ def _palette_for(segmenter, dataset, n: int) -> np.ndarray:
 # ----------------------------------------------------------------------------- runner
 
 
-def evaluate(segmenter, dataset, *, out_dir=None, progress: bool = True, class_names=None, palette=None,
-             checkpoint=None, options: dict | None = None, worst: int = WORST_COUNT,
-             thumbnail_side: int = THUMBNAIL_SIDE, distributed: bool = True) -> EvaluationResult:
+def evaluate(segmenter, dataset, *, protocol=None, out_dir=None, progress: bool = True, class_names=None,
+             palette=None, checkpoint=None, options: dict | None = None, worst: int = WORST_COUNT,
+             thumbnail_side: int = THUMBNAIL_SIDE, distributed: bool = True,
+             max_images: int | None = None) -> EvaluationResult:
     """Score ``segmenter`` (a :class:`~segcore.Segmenter`, or None for datasets of stored
     predictions) on ``dataset`` (a :class:`~segcore.datasets.SegmentationDataset`).
 
-    Predictions are compared at the label's size. Files that cannot be read, images without a mask,
+    ``protocol`` (``"reference"``, ``"resize"``, a :class:`~segcore.protocol.Protocol` or None for
+    the dataset format's default) decides how each image is run; see :mod:`segcore.protocol`. This
+    is the one loop behind ``segcore evaluate``, the app's Evaluate tab and the trainer's
+    validation. ``max_images`` scores only the first images. Predictions are compared at the
+    label's size (the warped label's for COCO-Stuff 10k under ``reference``). Files that cannot be read, images without a mask,
     masks of another size, and label values outside ``[0, n_classes)`` other than 255 become
     ``failures`` (file and reason) and the run goes on. With ``out_dir``, the report (scores.json,
     per_class.csv, per_image.csv, failures.csv, report.html and ``worst/`` thumbnails) is written
@@ -193,7 +202,7 @@ def evaluate(segmenter, dataset, *, out_dir=None, progress: bool = True, class_n
         rank, world = _dist_state()
     else:
         rank, world = 0, 1
-    total = len(dataset)
+    total = len(dataset) if max_images is None else min(len(dataset), int(max_images))
     if total == 0:
         raise EvaluationError(f"{getattr(dataset, 'root', dataset)}: the dataset has no images to evaluate")
 
@@ -213,6 +222,9 @@ def evaluate(segmenter, dataset, *, out_dir=None, progress: bool = True, class_n
     if segmenter is None and getattr(dataset, "format", None) != "masks":
         raise EvaluationError("no model given: only the masks format carries its own predictions")
     pal = np.asarray(palette, np.uint8) if palette is not None else _palette_for(segmenter, dataset, n)
+    fmt = getattr(dataset, "format", None)
+    if not isinstance(protocol, Protocol):
+        protocol = protocol_for(protocol, fmt)
     ignore = int(getattr(dataset, "ignore_index", 255))
 
     cm = ConfusionMatrix(n, ignore)
@@ -237,14 +249,14 @@ def evaluate(segmenter, dataset, *, out_dir=None, progress: bool = True, class_n
                 raise EvaluationError(f"{dataset.source(i)}: label values {shown} are outside [0, {n}) and "
                                       f"not {ignore} (ignore); wrong label space or a colour mask?")
             if segmenter is not None:
-                pred = segmenter.predict(sample.image).label_map
+                pred, label = predict_sample(segmenter, sample, protocol, dataset.source(i))
             else:
                 pred = sample.prediction
             if pred.shape != label.shape:
                 raise EvaluationError(f"{dataset.source(i)}: prediction is {pred.shape[1]}x{pred.shape[0]} "
                                       f"pixels, the label {label.shape[1]}x{label.shape[0]}")
             hist = cm.update(label, pred, name=dataset.source(i))
-        except (SegcoreError, OSError, ValueError) as exc:
+        except (SegcoreError, OSError, ValueError, MemoryError) as exc:
             failures.append({"index": i, "image": name, "file": _source(dataset, i), "reason": _reason(exc)})
             if rank == 0 and progress:
                 tqdm.write(f"FAILED {failures[-1]['file']}: {failures[-1]['reason']}", file=sys.stderr)
@@ -273,13 +285,16 @@ def evaluate(segmenter, dataset, *, out_dir=None, progress: bool = True, class_n
     opts = dict(options or {})
     if segmenter is not None and "model" not in opts:
         opts["model"] = segmenter.describe()
+    if segmenter is not None:
+        opts.setdefault("protocol", protocol.describe(segmenter))
     opts.setdefault("dataset", dataset.describe() if hasattr(dataset, "describe") else str(dataset))
     if world > 1:
         opts.setdefault("processes", world)
     result = EvaluationResult(scores=scores, class_names=tuple(names), per_image=[r for _, r in all_rows],
                               failures=all_failures, warnings=all_warnings,
                               worst=[{**row, "thumbnail": thumb} for row, thumb in worst_rows],
-                              options=opts, images=total)
+                              options=opts, images=total,
+                              published=None if segmenter is None else published_scores(segmenter, fmt, protocol))
     if checkpoint is None and segmenter is not None:
         checkpoint = getattr(segmenter.model, "checkpoint", None)
     if out_dir is not None and rank == 0:
@@ -330,9 +345,11 @@ def write_outputs(result: EvaluationResult, out_dir, palette, *, checkpoint=None
     summary = {"images": result.images, "evaluated": len(result.per_image), "failed": len(result.failures),
                "warnings": len(result.warnings)}
     failures = [{"image": f["image"], "file": f["file"], "reason": f["reason"]} for f in result.failures]
+    extra = {"summary": summary, "worst_images": worst_meta, "warnings": result.warnings}
+    if result.published is not None:
+        extra["published"] = result.published
     paths = write_report(out, result.scores, result.class_names, palette, options=result.options,
-                         checkpoint=checkpoint, per_image=result.per_image, failures=failures,
-                         extra={"summary": summary, "worst_images": worst_meta, "warnings": result.warnings})
+                         checkpoint=checkpoint, per_image=result.per_image, failures=failures, extra=extra)
     paths["failures_csv"] = out / "failures.csv"
     with open(paths["failures_csv"], "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=["image", "file", "reason"])

@@ -282,6 +282,24 @@ def test_evaluate_labelme_zip_matches_the_evaluator(client, app_files, tmp_path)
     assert "warning" in issues  # the generated files have shapes reaching outside the image
 
 
+def test_evaluate_with_the_reference_protocol(client, app_files, tmp_path):
+    """The protocol choice reaches segcore.evaluate and the summary says which one ran."""
+    import segcore
+
+    _, ckpt = app_files
+    archive = labelme_zip(tmp_path)
+    summary, scores, *_ = call(client, "/evaluate", "Model on labelme annotations", [handle_file(str(archive))],
+                               None, None, "model", None, "error", *MODEL, "reference")
+    dataset = segcore.open_dataset(archive, "labelme", label_space="voc")
+    seg = tiny_segmenter(ckpt)
+    direct = segcore.evaluate(seg, dataset, protocol="reference", progress=False, distributed=False)
+    resized = segcore.evaluate(seg, dataset, protocol="resize", progress=False, distributed=False)
+    assert direct.scores["mean_iou"] != resized.scores["mean_iou"]  # the choice matters on these images
+    (value,) = [row[1] for row in scores["data"] if "(mIoU)" in row[0]]
+    assert value == pytest.approx(100 * direct.scores["mean_iou"], abs=0.006)
+    assert "reference protocol, images native" in summary
+
+
 def test_evaluate_reports_bad_files_and_unknown_labels(client, tmp_path):
     def spoil(folder: Path):
         (folder / "broken.json").write_text("{ not json")

@@ -130,7 +130,7 @@ def test_bad_files_are_recorded_and_the_run_goes_on(tmp_path, segmenter):
     bad[3, 4] = 30
     save_palette_png(tmp_path / "SegmentationClass" / "outofrange.png", bad)
     ds = open_dataset(tmp_path)
-    result = evaluate(segmenter, ds, out_dir=tmp_path / "out", progress=False)
+    result = evaluate(segmenter, ds, protocol="resize", out_dir=tmp_path / "out", progress=False)
     assert result.exit_code == 1 and [r["image"] for r in result.per_image] == ["good", "good2"]
     reasons = {f["image"]: f["reason"] for f in result.failures}
     assert set(reasons) == {"nomask", "small", "outofrange"}
@@ -208,7 +208,7 @@ def test_cuda_evaluation_matches_a_direct_count(tmp_path, ckpt):
     seg = Segmenter.from_pretrained(str(ckpt), scales=(), test_size=TEST_SIZE, device="cuda",
                                     precision="fp32")
     labels = _voc(tmp_path, ["a", "b"])
-    result = evaluate(seg, open_dataset(tmp_path), progress=False)
+    result = evaluate(seg, open_dataset(tmp_path), protocol="resize", progress=False)
     preds = [seg.predict(tmp_path / "JPEGImages" / f"{n}.jpg").label_map for n in ("a", "b")]
     matrix, _ = _hand_scores([labels["a"], labels["b"]], preds, 21)
     assert result.scores["confusion_matrix"] == matrix.tolist() and result.ok
