@@ -181,7 +181,10 @@ def test_empty_and_unusable_inputs_are_clear_errors(tmp_path, ckpt, segmenter, c
     (tmp_path / "c" / "images" / "val2017").mkdir(parents=True)
     (tmp_path / "c" / "annotations" / "val2017").mkdir(parents=True)
     Image.new("RGB", (16, 16)).save(tmp_path / "c" / "images" / "val2017" / "1.jpg")
-    with pytest.raises(EvaluationError, match="the dataset has 182 classes but the model 21"):
+    from segcore.pred_map import PredictionMapError
+
+    with pytest.raises(PredictionMapError, match=r"model's label space \(voc\) differs from the evaluation's "
+                                                 r"\(cocostuff\) and there is no built-in mapping"):
         evaluate(segmenter, open_dataset(tmp_path / "c"), progress=False)
 
 
