@@ -148,3 +148,24 @@ def test_unmappable_classes_different_spaces_and_empty_data_are_clear_errors(tmp
     assert run_cli(["compare", "--weights", ckpts["a"], ckpts["b"], "--data", tmp_path / "empty", "--out",
                     tmp_path / "o2", "--no-progress"]) == 2
     assert "the folder is empty" in capsys.readouterr().err
+
+
+def test_torchrun_compare_gives_the_same_comparison(tmp_path, voc, ckpts):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    args = ["compare", "--weights", str(ckpts["a"]), str(ckpts["b"]), "--data", str(voc), "--no-progress"]
+    assert run_cli([*args, "--out", tmp_path / "one"]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "segcore", *args, "--out", str(tmp_path / "two")],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    one = json.loads((tmp_path / "one/comparison.json").read_text())
+    two = json.loads((tmp_path / "two/comparison.json").read_text())
+    for model in two["models"]:
+        assert model["options"].pop("processes") == 2
+    assert one == two
+    assert (tmp_path / "one/per_image.csv").read_text() == (tmp_path / "two/per_image.csv").read_text()
