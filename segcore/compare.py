@@ -36,6 +36,8 @@ class ComparisonResult:
     results: list[EvaluationResult]
     differences: list[dict]
     report: dict[str, Path] = field(default_factory=dict)
+    strips: list[dict] = field(default_factory=list)
+    """Images where models 1 and 2 disagree most: ``image``, both mIoUs, ``strip`` (uint8 RGB)."""
 
     @property
     def exit_code(self) -> int:
@@ -217,8 +219,8 @@ def write_comparison(comparison: ComparisonResult, out_dir, segmenters, dataset,
         writer.writeheader()
         writer.writerows(rows[i] for i in sorted(rows))
     bars, scatter = comparison_figures(comparison)
-    strips = _disagreement_strips(comparison, segmenters, dataset, protocol, disagreements)
-    paths["comparison_html"].write_text(_html(comparison, bars, scatter, strips), encoding="utf-8")
+    comparison.strips = _disagreement_strips(comparison, segmenters, dataset, protocol, disagreements)
+    paths["comparison_html"].write_text(_html(comparison, bars, scatter, comparison.strips), encoding="utf-8")
     return paths
 
 
