@@ -89,11 +89,17 @@ def resize_bilinear(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return out[0].numpy().transpose(1, 2, 0)
 
 
-def resize_nearest(label: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """HxW uint8 label to ``size`` (h, w) with PIL NEAREST, as the reference warps its labels."""
+def resize_nearest(label: np.ndarray, size: tuple[int, int], dtype: str | None = None) -> np.ndarray:
+    """HxW uint8 label to ``size`` (h, w) with PIL NEAREST, as the reference warps its labels.
+
+    PIL picks slightly different source pixels for 16-bit images than for 8-bit ones, and the
+    reference hands PIL the label in the file's own dtype, so ``dtype`` (e.g. ``"uint16"``) is used
+    for the resize; the values come back as uint8."""
     if label.shape == tuple(size):
         return label
-    return np.asarray(Image.fromarray(label).resize((size[1], size[0]), resample=Image.Resampling.NEAREST))
+    arr = label if dtype is None else label.astype(dtype)
+    out = np.asarray(Image.fromarray(arr).resize((size[1], size[0]), resample=Image.Resampling.NEAREST))
+    return out.astype(np.uint8)
 
 
 def reference_input(image_rgb: np.ndarray, warp: int | None) -> np.ndarray:
@@ -131,11 +137,11 @@ def _check_budget(protocol: Protocol, n_classes: int, size: tuple[int, int], whe
 
 @torch.inference_mode()
 def reference_predict(segmenter, image_rgb: np.ndarray, label: np.ndarray, protocol: Protocol,
-                      where: str = "image") -> tuple[np.ndarray, np.ndarray]:
+                      where: str = "image", label_dtype: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(prediction, label) as ``main.py test`` (or ``main.py crf`` when the segmenter has CRF on)."""
     x = reference_input(image_rgb, protocol.warp)
     if protocol.warp:
-        label = resize_nearest(label, (protocol.warp, protocol.warp))
+        label = resize_nearest(label, (protocol.warp, protocol.warp), label_dtype)
     size = label.shape[:2]
     _check_budget(protocol, segmenter.n_classes, size, where)
     batch = torch.from_numpy(x.transpose(2, 0, 1).copy())[None].to(segmenter.device)
@@ -153,7 +159,8 @@ def reference_predict(segmenter, image_rgb: np.ndarray, label: np.ndarray, proto
 def predict_sample(segmenter, sample, protocol: Protocol, where: str = "image") -> tuple[np.ndarray, np.ndarray]:
     """One dataset sample's (prediction, label) pair under ``protocol``; both the same size."""
     if protocol.name == "reference":
-        return reference_predict(segmenter, sample.image, sample.label, protocol, where)
+        return reference_predict(segmenter, sample.image, sample.label, protocol, where,
+                                 getattr(sample, "label_dtype", None))
     return segmenter.predict(sample.image).label_map, sample.label
 
 

@@ -92,7 +92,7 @@ def scores(label_trues, label_preds, n_class):
     freq = hist.sum(axis=1) / hist.sum()
     fwavacc = (freq[freq > 0] * iu[freq > 0]).sum()
     return {"Pixel Accuracy": acc, "Mean Accuracy": acc_cls, "Frequency Weighted IoU": fwavacc,
-            "Mean IoU": mean_iu}
+            "Mean IoU": mean_iu, "hist": hist}  # hist: not in the reference's dict, for pixel-level checks
 
 
 # -- main.py test / main.py crf ---------------------------------------------------------------------
