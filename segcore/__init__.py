@@ -28,7 +28,8 @@ def __getattr__(name):
 
 
 __all__ = [*_REPORT, "DatasetError", "EvaluationError", "EvaluationResult", "Sample", "SegmentationDataset",
-           "evaluate", "open_dataset", "PROTOCOLS", "Protocol", "ProtocolError", "default_protocol", "VideoCancelled", "VideoError", "VideoResult", "segment_video",
+           "evaluate", "open_dataset", "VideoCancelled", "VideoError", "VideoResult", "segment_video",
+           "PROTOCOLS", "Protocol", "ProtocolError", "default_protocol",
            "convert_caffe_file", "convert_caffemodel", "read_backbone",
            "ConfusionMatrix", "MetricsError", "compute_scores", "image_scores", "to_json_dict",
     "BGR_MEAN", "MSC", "REGISTRY", "Checkpoint", "CheckpointError", "DeepLabV2", "DenseCRF", "DownloadError",
