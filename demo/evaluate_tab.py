@@ -17,6 +17,8 @@ from .panel import Context, model_for, refresh_status
 MODEL_MODE = "Model on labelme annotations"
 MASKS_MODE = "Prediction masks vs ground truth (no model)"
 SPACE_CHOICES = ["model", "voc", "cocostuff"]
+PROTOCOL_INFO = ("resize: long side to the test size (bounded work; for photos). reference: deeplab-pytorch's "
+                 "test loop, every image at its native size (the published scores' protocol; slow on large photos)")
 SCORE_ROWS = (("pixel_accuracy", "Pixel accuracy (PA)"), ("mean_accuracy", "Mean accuracy (MA)"),
               ("mean_iou", "Mean IoU (mIoU)"), ("fw_iou", "Frequency-weighted IoU (FWIoU)"))
 SCORE_COLUMNS = ["score", "%"]
@@ -82,6 +84,8 @@ def build(ctx: Context) -> None:
                     space = gr.Dropdown(SPACE_CHOICES, value="model", label="Label space",
                                         info="model: the selected weights' classes")
                     unknown = gr.Radio(["error", "ignore"], value="error", label="Unknown labels")
+                protocol = gr.Radio(list(segcore.PROTOCOLS), value=segcore.default_protocol("labelme"),
+                                    label="Protocol", info=PROTOCOL_INFO, elem_id="eval-protocol")
                 labels = gr.File(label="labels.txt (optional, overrides the label space)", file_types=[".txt"],
                                  height=120)
         run = gr.Button("Evaluate", variant="primary", elem_id="run-evaluate")
@@ -102,6 +106,28 @@ def build(ctx: Context) -> None:
                              elem_id="eval-worst")
         issues = gr.Textbox(label="Failures and conversion warnings", lines=4, max_lines=20, elem_id="eval-issues")
 
+        with gr.Accordion("Compare models on these annotations", open=False, elem_id="compare-section"):
+            gr.Markdown("Every selected model runs on the same labelme annotations with the options above "
+                        "(model panel and protocol); differences are against the first model, with a 95% paired "
+                        "bootstrap interval over images. A COCO-Stuff model is mapped to VOC classes "
+                        "automatically (cocostuff->voc).")
+            with gr.Row():
+                compare_models = gr.Dropdown(ctx.store.choices(), value=[], multiselect=True, allow_custom_value=True,
+                                             label="Models (two or more: published weights or uploaded checkpoints)",
+                                             elem_id="compare-models", scale=3)
+                run_compare = gr.Button("Compare", variant="primary", elem_id="run-compare", scale=1)
+            compare_summary = gr.Markdown(elem_id="compare-summary")
+            with gr.Row():
+                compare_table = gr.Dataframe(label="Scores (%)", interactive=False, elem_id="compare-table")
+                compare_report = gr.File(label="Comparison report (zip: comparison.json, per_image.csv, "
+                                               "comparison.html)", elem_id="compare-report")
+            with gr.Row():
+                compare_bars = gr.Plot(label="Per-class IoU by model", show_label=False, elem_id="compare-bars")
+                compare_scatter = gr.Plot(label="Per-image mIoU", show_label=False, elem_id="compare-scatter")
+            compare_gallery = gr.Gallery(label="Where the models disagree most: image | ground truth | A | B",
+                                         columns=2, height=320, object_fit="contain", format="png",
+                                         elem_id="compare-gallery")
+
     def switch(m):
         masks = m == MASKS_MODE
         return (gr.File(label="Ground-truth masks (PNG, 255 = ignore) or a .zip" if masks else
@@ -109,11 +135,14 @@ def build(ctx: Context) -> None:
                 gr.File(visible=masks), gr.File(visible=not masks))
 
     mode.change(switch, mode, [files, predictions, mapping], api_visibility="private", queue=False)
+    compare_models.focus(lambda: gr.Dropdown(choices=ctx.store.choices()), None, compare_models,
+                         api_visibility="private", queue=False)
 
     # None defaults make the optional inputs optional for API clients (Gradio reads the signature); the
     # others default to their component's value there
     def evaluate(mode_name, annotation_files, prediction_files=None, mapping_file=None, label_space="model",
                  labels_file=None, unknown_labels="error", weights=None, multiscale=False, crf=False, test_size=513,
+                 protocol_name=None,
                  progress=gr.Progress(track_tqdm=True)):
         masks = mode_name == MASKS_MODE
         require(as_paths(annotation_files), "Upload ground-truth masks first." if masks else
@@ -139,16 +168,17 @@ def build(ctx: Context) -> None:
                                                unknown=unknown_labels or "error")
             progress(0.0, desc="Evaluating")
             out = job / "report"
-            result = segcore.evaluate(seg, dataset, out_dir=out, progress=True, distributed=False,
-                                      palette=space.palette)
+            result = segcore.evaluate(seg, dataset, protocol=protocol_name or None, out_dir=out, progress=True,
+                                      distributed=False, palette=space.palette)
             evaluation_advice.raise_if_nothing_evaluated(result, evaluation_advice.APP)
             warnings = [{**w, "file": readable(w["file"])} for w in result.warnings]
             archive = zip_folder(out, job / "evaluation_report.zip")
             palette = space.palette
             bar_fig = segcore.class_iou_figure(result.scores, result.class_names, palette)
             conf_fig = segcore.confusion_figure(result.scores, result.class_names)
-        what = f"`{seg.name}` ({'multi-scale' if seg.scales else 'single scale'}{', CRF' if seg.crf else ''}, " \
-               f"test size {seg.test_size})" if seg is not None else "stored predictions"
+        what = f"`{seg.name}` ({result.options['protocol']['name']} protocol, images " \
+               f"{result.options['protocol']['image_size']}, {'multi-scale' if seg.scales else 'single scale'}" \
+               f"{', CRF' if seg.crf else ''}, {seg.precision})" if seg is not None else "stored predictions"
         text = f"**{len(result.per_image)} of {result.images} images evaluated** with {what}"
         if result.failures:
             text += f"; **{len(result.failures)} failed** (see below)"
@@ -156,7 +186,51 @@ def build(ctx: Context) -> None:
         return (text + ".", scores_table(result), str(archive), bar_fig, conf_fig, per_image_table(result),
                 gallery_items, issues_text(result.failures, warnings))
 
-    event = run.click(evaluate, [mode, files, predictions, mapping, space, labels, unknown, *ctx.model_inputs()],
+    event = run.click(evaluate, [mode, files, predictions, mapping, space, labels, unknown, *ctx.model_inputs(),
+                                 protocol],
               [summary, scores, report, bars, confusion, per_image, gallery, issues], api_name="evaluate",
               concurrency_id="model")
     refresh_status(ctx, event)
+
+    def compare(annotation_files, mapping_file=None, label_space="model", labels_file=None, unknown_labels="error",
+                models=None, multiscale=False, crf=False, test_size=513, protocol_name=None,
+                progress=gr.Progress(track_tqdm=True)):
+        from segcore.compare import SHORT, compare as compare_models_on, comparison_figures
+
+        require(as_paths(annotation_files), "Upload labelme files (.json with their images) or a .zip first.")
+        models = [m for m in (models or []) if m]
+        require(len(models) >= 2, "Choose two or more models to compare.")
+        job = ctx.work.new("compare")
+        with user_errors():
+            segs = [model_for(ctx, name, multiscale, crf, test_size, progress) for name in models]
+            space = resolve_space(label_space, labels_file, segs[0])
+            paths = as_paths(annotation_files)
+            source = paths[0] if len(paths) == 1 and paths[0].suffix.lower() == ".zip" \
+                else gather_uploads(paths, job / "annotations")
+            map_file = str(as_paths(mapping_file)[0]) if as_paths(mapping_file) else None
+            dataset = segcore.open_dataset(source, "labelme", label_space=space, mapping=map_file,
+                                           unknown=unknown_labels or "error")
+            progress(0.0, desc="Comparing")
+            out = job / "comparison"
+            result = compare_models_on(segs, dataset, labels=models, protocol=protocol_name or None, out_dir=out,
+                                       progress=True, distributed=False)
+            archive = zip_folder(out, job / "comparison_report.zip")
+            bars_fig, scatter_fig = comparison_figures(result)
+        table = pd.DataFrame([[label, *(pct(r.scores[key]) for key, _ in SHORT)]
+                              for label, r in zip(result.labels, result.results)],
+                             columns=["model", *(short for _, short in SHORT)])
+        lines = [f"**{len(result.results[0].per_image)} of {result.results[0].images} images compared.**"]
+        for d in result.differences:
+            ci = d["ci95"]
+            lines.append(f"mIoU `{d['b']}` − `{d['a']}`: **{100 * d['mean_iou']:+.2f}** points"
+                         + (f" (95% interval {pct(ci[0])} … {pct(ci[1])})" if ci else " (no interval)"))
+        strips = [(st["strip"], f"{st['image']}: {result.labels[0]} {pct(st['mean_iou_a'])}%, "
+                                f"{result.labels[1]} {pct(st['mean_iou_b'])}%") for st in result.strips]
+        return "\n\n".join(lines), table, str(archive), bars_fig, scatter_fig, strips
+
+    compare_event = run_compare.click(
+        compare, [files, mapping, space, labels, unknown, compare_models, ctx.multiscale, ctx.crf, ctx.test_size,
+                  protocol],
+        [compare_summary, compare_table, compare_report, compare_bars, compare_scatter, compare_gallery],
+        api_name="compare", concurrency_id="model")
+    refresh_status(ctx, compare_event)

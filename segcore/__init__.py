@@ -9,6 +9,7 @@ from .evaluate import EvaluationError, EvaluationResult, evaluate
 from .image import check_image_size, load_image, resize_long_side
 from .metrics import ConfusionMatrix, MetricsError, compute_scores, image_scores, to_json_dict
 from .model import BGR_MEAN, MSC, DeepLabV2, ModelConfig, build_model, msc_forward
+from .protocol import PROTOCOLS, Protocol, ProtocolError, default_protocol
 from .segmenter import Prediction, Segmenter, palette_image
 from .video import VideoCancelled, VideoError, VideoResult, segment_video
 from .weights import REGISTRY, Weights, cache_dir, download
@@ -35,6 +36,7 @@ def __getattr__(name):
 
 __all__ = [*_REPORT, *_BATCH, "DatasetError", "EvaluationError", "EvaluationResult", "Sample", "SegmentationDataset",
            "evaluate", "open_dataset", "VideoCancelled", "VideoError", "VideoResult", "segment_video",
+           "PROTOCOLS", "Protocol", "ProtocolError", "default_protocol",
            "convert_caffe_file", "convert_caffemodel", "read_backbone",
            "ConfusionMatrix", "MetricsError", "compute_scores", "image_scores", "to_json_dict",
     "BGR_MEAN", "MSC", "REGISTRY", "Checkpoint", "CheckpointError", "DeepLabV2", "DenseCRF", "DownloadError",

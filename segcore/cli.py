@@ -16,6 +16,7 @@ from .segmenter import PRECISIONS
 COMMANDS = {
     "predict": ("segcore.cli_predict", "segment images and write palette masks and overlays"),
     "evaluate": ("segcore.cli_evaluate", "score a model or stored masks on a dataset and write the report"),
+    "compare": ("segcore.cli_compare", "score several models on the same images and compare them"),
     "convert-caffe": ("segcore.cli_convert_caffe", "convert an original DeepLab-v2 .caffemodel to a checkpoint"),
     "video": ("segcore.cli_video", "segment a video: colour overlay as H.264 with the audio kept"),
 }

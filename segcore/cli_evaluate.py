@@ -14,7 +14,19 @@ FORMAT_CHOICES = ("auto", "labelme", "voc", "cocostuff10k", "cocostuff164k", "ma
 def add_arguments(parser):
     from .cli import add_model_arguments
 
+    from .protocol import PROTOCOLS
+
     add_model_arguments(parser, required=False)
+    parser.add_argument("--protocol", default=None, choices=PROTOCOLS,
+                        help="reference: deeplab-pytorch's test loop, each image at its native size "
+                             "(COCO-Stuff 10k warped to 513x513), the published scores' protocol; "
+                             "resize: long side to --test-size. Default: reference for voc, cocostuff10k "
+                             "and cocostuff164k, resize for labelme")
+    parser.add_argument("--pred-map", default=None,
+                        help="map the model's classes into the evaluation's: a built-in (cocostuff->voc) or a "
+                             "YAML/JSON file (model class: evaluation class or __ignore__); default: built-in "
+                             "when the label spaces differ")
+    parser.set_defaults(precision=None)  # the protocol's default: fp32 for reference (see run)
     parser.add_argument("--data", type=Path, required=True,
                         help="dataset folder (or labelme .zip); with --format masks the ground-truth masks")
     parser.add_argument("--format", default="auto", choices=FORMAT_CHOICES,
@@ -42,10 +54,42 @@ def _label_space_for(segmenter, labels):
     return _space_for_names(segmenter.class_names)
 
 
+def protocol_from_args(args):
+    """(dataset format, Protocol) of the command line; fills in the protocol's default precision."""
+    from .datasets import detect_format
+    from .protocol import default_precision, protocol_for
+
+    fmt = detect_format(args.data) if args.format == "auto" else args.format
+    protocol = protocol_for(args.protocol, fmt)
+    if args.precision is None:
+        args.precision = default_precision(protocol.name)
+    return fmt, protocol
+
+
+def model_from_args(args, weights=None):
+    """The Segmenter of ``weights`` (default ``--weights``). ``--labels`` names the checkpoint's classes
+    when it has that many, else only the evaluation's label space (the predictions are then mapped)."""
+    import copy
+
+    from .cli import segmenter_from_args
+
+    args = copy.copy(args)
+    args.weights = weights or args.weights
+    try:
+        return segmenter_from_args(args)
+    except ValueError as exc:
+        if args.labels is None or "classes, the checkpoint" not in str(exc):
+            raise
+        args.labels = None
+        return segmenter_from_args(args)
+
+
 def run(args) -> int:
     from .datasets import open_dataset
     from .evaluate import EvaluationError, evaluate, init_distributed
+    from .bootstrap import interval_line
     from .evaluation_advice import raise_if_nothing_evaluated
+    from .protocol import published_lines, protocol_line
     from .report import format_score_table
 
     masks = args.format == "masks" or (args.format == "auto" and args.pred is not None)
@@ -66,25 +110,30 @@ def run(args) -> int:
 
             if torch.cuda.is_available():
                 args.device = f"cuda:{torch.cuda.current_device()}"
-        segmenter = None
+        segmenter = protocol = None
         if masks:
             dataset = open_dataset(args.data, "masks", predictions=args.pred, label_space=args.labels)
         else:
-            from .cli import segmenter_from_args
-
-            segmenter = segmenter_from_args(args)
+            fmt, protocol = protocol_from_args(args)
+            segmenter = model_from_args(args)
             space = _label_space_for(segmenter, args.labels)
-            dataset = open_dataset(args.data, args.format, split=args.split, label_space=space,
+            dataset = open_dataset(args.data, fmt, split=args.split, label_space=space,
                                    mapping=args.map, unknown=args.unknown)
         options = {"data": str(args.data), "format": dataset.format, "split": dataset.split}
         if dataset.format == "labelme":
             options.update({"label_space": dataset.label_space.name,
                             "mapping": None if args.map is None else str(args.map), "unknown": args.unknown})
-        result = evaluate(segmenter, dataset, out_dir=args.out, progress=not args.no_progress,
-                          options=options, worst=args.worst)
+        result = evaluate(segmenter, dataset, protocol=protocol, out_dir=args.out, progress=not args.no_progress,
+                          options=options, worst=args.worst, pred_map=args.pred_map)
         raise_if_nothing_evaluated(result)
         if rank == 0:
             print(format_score_table(result.scores, result.class_names))
+            if segmenter is not None:
+                print(protocol_line(result.options["protocol"]))
+            if result.published is not None:
+                print("\n".join(published_lines(result.published, result.scores)))
+            if result.bootstrap is not None:
+                print(interval_line(result.bootstrap))
             print(result.summary())
             print(f"report written to {args.out} ({', '.join(p.name for p in result.report.values())})")
         return result.exit_code

@@ -89,6 +89,9 @@ class Sample:
     label: np.ndarray | None
     prediction: np.ndarray | None = None
     warnings: tuple[dict, ...] = ()
+    label_dtype: str | None = None
+    """The label's dtype in its file where it matters: COCO-Stuff 10k's ``S`` (uint8 or uint16), which
+    decides how PIL's NEAREST warps it in the reference (see :func:`segcore.protocol.resize_nearest`)."""
 
 
 @dataclass
@@ -157,6 +160,11 @@ def _to_uint8(arr: np.ndarray, path, what: str) -> np.ndarray:
 
 def read_cocostuff10k_label(path) -> np.ndarray:
     """COCO-Stuff 10k ``.mat`` label (key "S", 0 = unlabeled) shifted like the reference: S - 1, 0 → 255."""
+    return _read_cocostuff10k(path)[0]
+
+
+def _read_cocostuff10k(path) -> tuple[np.ndarray, str]:
+    """(uint8 label, dtype of ``S`` in the file)."""
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"{path}: label file not found")
@@ -176,7 +184,7 @@ def read_cocostuff10k_label(path) -> np.ndarray:
         raise DatasetError(f"{path}: 'S' must hold integer labels, got dtype {s.dtype}")
     label = s.astype(np.int64) - 1
     label[label == -1] = IGNORE_INDEX
-    return _to_uint8(label, path, "label")
+    return _to_uint8(label, path, "label"), str(s.dtype)
 
 
 # ----------------------------------------------------------------------------- datasets
@@ -272,8 +280,11 @@ class VOCDataset(SegmentationDataset):
 class CocoStuff10kDataset(SegmentationDataset):
     format = "cocostuff10k"
 
-    def _read_label(self, item: _Item) -> np.ndarray:
-        return read_cocostuff10k_label(item.label)
+    def _load(self, item: _Item) -> Sample:
+        image = read_image(item.image)
+        label, dtype = _read_cocostuff10k(item.label)
+        _check_same_size(image, label, item.image, item.label)
+        return Sample(item.name, image, label, label_dtype=dtype)
 
 
 class CocoStuff164kDataset(SegmentationDataset):

@@ -26,8 +26,11 @@ from .datasets import invalid_label_values
 from .errors import SegcoreError
 from .evaluation_advice import unknown_labels_of
 from .metrics import ConfusionMatrix, compute_scores, to_json_dict
+from .bootstrap import ImageMatrices, bootstrap, sparse_matrix
+from .pred_map import prediction_map
+from .protocol import Protocol, predict_sample, protocol_for, published_scores
 
-__all__ = ["EvaluationError", "EvaluationResult", "evaluate", "init_distributed"]
+__all__ = ["EvaluationError", "EvaluationResult", "evaluate", "evaluate_models", "init_distributed"]
 
 WORST_COUNT = 8
 THUMBNAIL_SIDE = 160
@@ -56,6 +59,16 @@ class EvaluationResult:
     options: dict
     images: int = 0
     report: dict[str, Path] = field(default_factory=dict)
+    published: dict | None = None
+    """The registry's published figures this run is comparable with (see
+    :func:`segcore.protocol.published_scores`), else None."""
+    image_matrices: ImageMatrices | None = None
+    """Each evaluated image's confusion matrix, sparse, in ``per_image`` order (for bootstraps)."""
+    bootstrap: dict | None = None
+    """95% bootstrap intervals over images (:func:`segcore.bootstrap.bootstrap`)."""
+    palette: np.ndarray | None = None
+    image_indices: list[int] = field(default_factory=list)
+    """Dataset index of each ``per_image`` row (to pair the images of two models)."""
 
     @property
     def ok(self) -> bool:
@@ -173,53 +186,128 @@ def _palette_for(segmenter, dataset, n: int) -> np.ndarray:
 # ----------------------------------------------------------------------------- runner
 
 
-def evaluate(segmenter, dataset, *, out_dir=None, progress: bool = True, class_names=None, palette=None,
-             checkpoint=None, options: dict | None = None, worst: int = WORST_COUNT,
-             thumbnail_side: int = THUMBNAIL_SIDE, distributed: bool = True) -> EvaluationResult:
+def evaluate(segmenter, dataset, *, protocol=None, out_dir=None, progress: bool = True, class_names=None,
+             palette=None, checkpoint=None, options: dict | None = None, worst: int = WORST_COUNT,
+             thumbnail_side: int = THUMBNAIL_SIDE, distributed: bool = True,
+             max_images: int | None = None, pred_map=None, intervals: bool = True) -> EvaluationResult:
     """Score ``segmenter`` (a :class:`~segcore.Segmenter`, or None for datasets of stored
     predictions) on ``dataset`` (a :class:`~segcore.datasets.SegmentationDataset`).
 
-    Predictions are compared at the label's size. Files that cannot be read, images without a mask,
-    masks of another size, and label values outside ``[0, n_classes)`` other than 255 become
-    ``failures`` (file and reason) and the run goes on. With ``out_dir``, the report (scores.json,
-    per_class.csv, per_image.csv, failures.csv, report.html and ``worst/`` thumbnails) is written
-    there (by rank 0 only when distributed). Under torchrun (``distributed=True``), images are
-    sharded ``rank::world`` and the results combined.
+    ``protocol`` (``"reference"``, ``"resize"``, a :class:`~segcore.protocol.Protocol` or None for
+    the dataset format's default) decides how each image is run; see :mod:`segcore.protocol`. This
+    is the one loop behind ``segcore evaluate``, ``segcore compare``, the app's Evaluate tab and the
+    trainer's validation. ``max_images`` scores only the first images. ``pred_map`` (a built-in name
+    such as ``"cocostuff->voc"`` or a mapping file; see :mod:`segcore.pred_map`) maps the model's
+    classes into the dataset's; without it, a built-in one is used when the class counts differ.
+    ``intervals``: 95% bootstrap intervals over images (:mod:`segcore.bootstrap`) in ``bootstrap``.
+
+    Predictions are compared at the label's size (the warped label's for COCO-Stuff 10k under
+    ``reference``). Files that cannot be read, images without a mask, masks of another size, and
+    label values outside ``[0, n_classes)`` other than 255 become ``failures`` (file and reason) and
+    the run goes on. With ``out_dir``, the report (scores.json, per_class.csv, per_image.csv,
+    failures.csv, report.html and ``worst/`` thumbnails) is written there (by rank 0 only when
+    distributed). Under torchrun (``distributed=True``), images are sharded ``rank::world`` and the
+    results combined.
+    """
+    (result,) = evaluate_models([segmenter], dataset, protocol=protocol, progress=progress,
+                                class_names=class_names, palette=palette, options=options, worst=worst,
+                                thumbnail_side=thumbnail_side, distributed=distributed, max_images=max_images,
+                                pred_maps=[pred_map], intervals=intervals)
+    if checkpoint is None and segmenter is not None:
+        checkpoint = getattr(segmenter.model, "checkpoint", None)
+    if out_dir is not None and _dist_state()[0] == 0 and result.per_image:  # no report of NaNs: see evaluation_advice
+        result.report = write_outputs(result, out_dir, result.palette, checkpoint=checkpoint)
+    return result
+
+
+class _Run:
+    """One model's share of a pass over the dataset: its mapping, matrix, rows, failures, worst images."""
+
+    def __init__(self, segmenter, dataset, names, pred_map, palette):
+        self.segmenter = segmenter
+        ds_names = getattr(dataset, "class_names", None)
+        self.mapper = None
+        if segmenter is not None and ds_names is not None and (pred_map is not None
+                                                               or len(ds_names) != len(segmenter.class_names)):
+            self.mapper = prediction_map(segmenter.class_names, ds_names, pred_map)
+            if self.mapper is not None:
+                names = tuple(ds_names)
+        self.names = tuple(names)
+        self.palette = np.asarray(palette, np.uint8) if palette is not None else \
+            _palette_for(None if self.mapper is not None else segmenter, dataset, len(self.names))
+        self.cm = ConfusionMatrix(len(self.names), int(getattr(dataset, "ignore_index", 255)))
+        self.rows: list[tuple[int, dict, tuple]] = []  # (index, row, sparse confusion matrix)
+        self.failures: list[dict] = []
+        self.heap: list[tuple] = []  # (-mean_iou, -index, row, thumbnail): the `worst` lowest mIoU images
+
+    def predict(self, sample, protocol, where: str):
+        if self.segmenter is None:
+            return sample.prediction, sample.label
+        pred, label = predict_sample(self.segmenter, sample, protocol, where)
+        if self.mapper is not None:
+            pred, label = self.mapper(pred, label)
+        return pred, label
+
+    def add(self, i: int, sample, label, pred, hist, worst: int, thumbnail_side: int) -> None:
+        s = compute_scores(hist)
+        row = {"image": sample.name, "pixel_accuracy": s["pixel_accuracy"], "mean_iou": s["mean_iou"],
+               "valid_pixels": int(sum(s["gt_pixels"]))}
+        self.rows.append((i, row, sparse_matrix(hist.cpu().numpy() if hasattr(hist, "cpu") else hist)))
+        if worst > 0 and not math.isnan(row["mean_iou"]):
+            key = (-row["mean_iou"], -i)
+            if len(self.heap) < worst or key > self.heap[0][:2]:
+                entry = (*key, {**row, "index": i}, _strip(sample.image, label, pred, self.palette, thumbnail_side))
+                (heapq.heappush if len(self.heap) < worst else heapq.heapreplace)(self.heap, entry)
+
+
+def evaluate_models(segmenters, dataset, *, protocol=None, progress: bool = True, class_names=None, palette=None,
+                    options: dict | None = None, worst: int = WORST_COUNT, thumbnail_side: int = THUMBNAIL_SIDE,
+                    distributed: bool = True, max_images: int | None = None, pred_maps=None,
+                    intervals: bool = True) -> list[EvaluationResult]:
+    """:func:`evaluate` for several models in one pass: each image is read once and run through
+    every model (same protocol and options); one :class:`EvaluationResult` per model, in order.
+
+    ``pred_maps``: one prediction mapping (or None) per model. An image that cannot be read fails for
+    every model; a model-specific failure (e.g. too large for that model's class count) only for it.
     """
     from tqdm.auto import tqdm
 
+    segmenters = list(segmenters)
+    pred_maps = list(pred_maps) if pred_maps is not None else [None] * len(segmenters)
+    first = segmenters[0]
     if distributed:
-        init_distributed(str(getattr(segmenter, "device", "auto")) if segmenter is not None else "cpu")
+        init_distributed(str(getattr(first, "device", "auto")) if first is not None else "cpu")
         rank, world = _dist_state()
     else:
         rank, world = 0, 1
-    total = len(dataset)
+    total = len(dataset) if max_images is None else min(len(dataset), int(max_images))
     if total == 0:
         raise EvaluationError(f"{getattr(dataset, 'root', dataset)}: the dataset has no images to evaluate")
 
     names = tuple(class_names) if class_names is not None else None
-    if names is None and segmenter is not None:
-        names = tuple(segmenter.class_names)
+    if names is None and first is not None:
+        names = tuple(first.class_names)
     if names is None:
         names = getattr(dataset, "class_names", None)
     if names is None:
         raise EvaluationError(f"{getattr(dataset, 'root', dataset)}: the class names are unknown; "
                               "pass a label space (voc, cocostuff or a labels file)")
-    n = len(names)
-    ds_names = getattr(dataset, "class_names", None)
-    if segmenter is not None and ds_names is not None and len(ds_names) != n:
-        raise EvaluationError(f"the dataset has {len(ds_names)} classes but the model {n}: "
-                              "evaluate against the model's label space")
-    if segmenter is None and getattr(dataset, "format", None) != "masks":
+    if first is None and getattr(dataset, "format", None) != "masks":
         raise EvaluationError("no model given: only the masks format carries its own predictions")
-    pal = np.asarray(palette, np.uint8) if palette is not None else _palette_for(segmenter, dataset, n)
+    runs = [_Run(seg, dataset, names, pm, palette) for seg, pm in zip(segmenters, pred_maps)]
+    for k, run in enumerate(runs[1:], 2):
+        if run.names != runs[0].names:
+            raise EvaluationError(f"model {k} ({run.segmenter.name}) predicts {len(run.names)} classes, model 1 "
+                                  f"{len(runs[0].names)}, with no mapping between them; evaluate against one label "
+                                  "space (--labels) and map the others (--pred-map)")
+    names = runs[0].names
+    n = len(names)
+    fmt = getattr(dataset, "format", None)
+    if not isinstance(protocol, Protocol):
+        protocol = protocol_for(protocol, fmt)
     ignore = int(getattr(dataset, "ignore_index", 255))
 
-    cm = ConfusionMatrix(n, ignore)
-    rows: list[tuple[int, dict]] = []
-    failures: list[dict] = []
     warnings: list[tuple[int, dict]] = []
-    heap: list[tuple] = []  # (-mean_iou, -index, row, thumbnail): the `worst` lowest mIoU images
     indices = range(rank, total, world)
     bar = tqdm(indices, desc="evaluate", unit="img", disable=not progress or rank != 0, dynamic_ncols=True)
     for i in bar:
@@ -228,64 +316,70 @@ def evaluate(segmenter, dataset, *, out_dir=None, progress: bool = True, class_n
             sample = dataset[i]
             name = sample.name
             warnings.extend((i, w) for w in sample.warnings)
-            label = sample.label
-            if label is None:
+            if sample.label is None:
                 raise EvaluationError(f"{dataset.source(i)}: no ground-truth mask")
-            bad = invalid_label_values(label, n, ignore)
+            bad = invalid_label_values(sample.label, n, ignore)
             if bad.size:
                 shown = ", ".join(str(int(v)) for v in bad[:10])
                 raise EvaluationError(f"{dataset.source(i)}: label values {shown} are outside [0, {n}) and "
                                       f"not {ignore} (ignore); wrong label space or a colour mask?")
-            if segmenter is not None:
-                pred = segmenter.predict(sample.image).label_map
-            else:
-                pred = sample.prediction
-            if pred.shape != label.shape:
-                raise EvaluationError(f"{dataset.source(i)}: prediction is {pred.shape[1]}x{pred.shape[0]} "
-                                      f"pixels, the label {label.shape[1]}x{label.shape[0]}")
-            hist = cm.update(label, pred, name=dataset.source(i))
-        except (SegcoreError, OSError, ValueError) as exc:
-            failures.append({"index": i, "image": name, "file": _source(dataset, i), "reason": _reason(exc),
-                             "unknown_labels": unknown_labels_of(exc)})
-            if rank == 0 and progress:
-                tqdm.write(f"FAILED {failure_text(failures[-1])}", file=sys.stderr)
+        except (SegcoreError, OSError, ValueError, MemoryError) as exc:
+            for run in runs:
+                _fail(run, i, name, dataset, exc, rank == 0 and progress and run is runs[0])
             continue
-        s = compute_scores(hist)
-        row = {"image": name, "pixel_accuracy": s["pixel_accuracy"], "mean_iou": s["mean_iou"],
-               "valid_pixels": int(sum(s["gt_pixels"]))}
-        rows.append((i, row))
-        if worst > 0 and not math.isnan(row["mean_iou"]):
-            key = (-row["mean_iou"], -i)
-            if len(heap) < worst or key > heap[0][:2]:
-                entry = (*key, {**row, "index": i}, _strip(sample.image, label, pred, pal, thumbnail_side))
-                (heapq.heappush if len(heap) < worst else heapq.heapreplace)(heap, entry)
-        del sample, label, pred
+        for run in runs:
+            try:
+                pred, label = run.predict(sample, protocol, dataset.source(i))
+                if pred.shape != label.shape:
+                    raise EvaluationError(f"{dataset.source(i)}: prediction is {pred.shape[1]}x{pred.shape[0]} "
+                                          f"pixels, the label {label.shape[1]}x{label.shape[0]}")
+                hist = run.cm.update(label, pred, name=dataset.source(i))
+            except (SegcoreError, OSError, ValueError, MemoryError) as exc:
+                _fail(run, i, name, dataset, exc, rank == 0 and progress)
+                continue
+            run.add(i, sample, label, pred, hist, worst, thumbnail_side)
+            del label, pred
+        del sample
     bar.close()
 
-    cm.all_reduce()
-    scores = cm.compute()
-    gathered = _gather((rows, failures, [(e[2], e[3]) for e in heap], warnings), world)
-    all_rows = sorted((r for g in gathered for r in g[0]), key=lambda r: r[0])
-    all_failures = sorted((f for g in gathered for f in g[1]), key=lambda f: f["index"])
-    worst_rows = sorted((w for g in gathered for w in g[2]), key=lambda w: (w[0]["mean_iou"], w[0]["index"]))
-    worst_rows = worst_rows[:worst]
-    all_warnings = [w for _, w in sorted((w for g in gathered for w in g[3]), key=lambda iw: iw[0])]
+    gathered_warnings = _gather(warnings, world)
+    all_warnings = [w for _, w in sorted((w for g in gathered_warnings for w in g), key=lambda iw: iw[0])]
+    results = []
+    for run in runs:
+        run.cm.all_reduce()
+        scores = run.cm.compute()
+        gathered = _gather((run.rows, run.failures, [(e[2], e[3]) for e in run.heap]), world)
+        all_rows = sorted((r for g in gathered for r in g[0]), key=lambda r: r[0])
+        matrices = ImageMatrices(n, [r[2] for r in all_rows])
+        all_failures = sorted((f for g in gathered for f in g[1]), key=lambda f: f["index"])
+        worst_rows = sorted((w for g in gathered for w in g[2]), key=lambda w: (w[0]["mean_iou"], w[0]["index"]))
+        worst_rows = worst_rows[:worst]
+        seg = run.segmenter
+        opts = dict(options or {})
+        if seg is not None:
+            opts.setdefault("model", seg.describe())
+            opts.setdefault("protocol", protocol.describe(seg))
+        opts.setdefault("dataset", dataset.describe() if hasattr(dataset, "describe") else str(dataset))
+        if world > 1:
+            opts.setdefault("processes", world)
+        if run.mapper is not None:
+            opts.setdefault("pred_map", run.mapper.name)
+        results.append(EvaluationResult(
+            scores=scores, class_names=names, per_image=[r[1] for r in all_rows], failures=all_failures,
+            warnings=all_warnings, worst=[{**row, "thumbnail": thumb} for row, thumb in worst_rows], options=opts,
+            images=total, published=None if seg is None else published_scores(seg, fmt, protocol),
+            image_matrices=matrices, bootstrap=bootstrap(matrices) if intervals and rank == 0 else None,
+            palette=run.palette, image_indices=[r[0] for r in all_rows]))
+    return results
 
-    opts = dict(options or {})
-    if segmenter is not None and "model" not in opts:
-        opts["model"] = segmenter.describe()
-    opts.setdefault("dataset", dataset.describe() if hasattr(dataset, "describe") else str(dataset))
-    if world > 1:
-        opts.setdefault("processes", world)
-    result = EvaluationResult(scores=scores, class_names=tuple(names), per_image=[r for _, r in all_rows],
-                              failures=all_failures, warnings=all_warnings,
-                              worst=[{**row, "thumbnail": thumb} for row, thumb in worst_rows],
-                              options=opts, images=total)
-    if checkpoint is None and segmenter is not None:
-        checkpoint = getattr(segmenter.model, "checkpoint", None)
-    if out_dir is not None and rank == 0 and result.per_image:  # no report of NaNs: see evaluation_advice
-        result.report = write_outputs(result, out_dir, pal, checkpoint=checkpoint)
-    return result
+
+def _fail(run: _Run, i: int, name: str, dataset, exc: BaseException, show: bool) -> None:
+    from tqdm.auto import tqdm
+
+    run.failures.append({"index": i, "image": name, "file": _source(dataset, i), "reason": _reason(exc),
+                         "unknown_labels": unknown_labels_of(exc)})
+    if show:
+        tqdm.write(f"FAILED {failure_text(run.failures[-1])}", file=sys.stderr)
 
 
 def _item_name(dataset, i: int) -> str:
@@ -337,9 +431,13 @@ def write_outputs(result: EvaluationResult, out_dir, palette, *, checkpoint=None
     summary = {"images": result.images, "evaluated": len(result.per_image), "failed": len(result.failures),
                "warnings": len(result.warnings)}
     failures = [{"image": f["image"], "file": f["file"], "reason": f["reason"]} for f in result.failures]
+    extra = {"summary": summary, "worst_images": worst_meta, "warnings": result.warnings}
+    if result.published is not None:
+        extra["published"] = result.published
+    if result.bootstrap is not None:
+        extra["bootstrap"] = result.bootstrap
     paths = write_report(out, result.scores, result.class_names, palette, options=result.options,
-                         checkpoint=checkpoint, per_image=result.per_image, failures=failures,
-                         extra={"summary": summary, "worst_images": worst_meta, "warnings": result.warnings})
+                         checkpoint=checkpoint, per_image=result.per_image, failures=failures, extra=extra)
     paths["failures_csv"] = out / "failures.csv"
     with open(paths["failures_csv"], "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=["image", "file", "reason"])

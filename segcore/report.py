@@ -319,10 +319,41 @@ def _write_per_class(path: Path, scores: dict, names: list[str]) -> None:
             )
 
 
+def _protocol_html(protocol: dict | None) -> str:
+    """One line saying how the images were run (protocol, precision, scales, CRF, size)."""
+    if not protocol:
+        return ""
+    scales = ", ".join(f"{s:g}" for s in protocol.get("scales") or [])
+    parts = [f"Protocol: <b>{html.escape(str(protocol.get('name')))}</b>",
+             f"images {html.escape(str(protocol.get('image_size', '')))}",
+             f"precision {html.escape(str(protocol.get('precision')))}", f"scales {html.escape(scales)}",
+             f"CRF {'on' if protocol.get('crf') else 'off'}"]
+    return "<p>" + ", ".join(parts) + "</p>"
+
+
+def _score_rows(scores: dict, published: dict | None) -> tuple[str, str]:
+    """(header, rows) of the scores table; with published figures, two more columns."""
+    figures = (published or {}).get("scores", {})
+    head = "<tr><th>Score</th><td>%</td>" + ("<td>Published %</td><td>Difference</td>" if figures else "") + "</tr>"
+    rows = []
+    for key, label in SCORE_LABELS:
+        cells = f"<td>{_pct(scores[key])}</td>"
+        if figures:
+            if key in figures and not _isnan(scores[key]):
+                diff = 100.0 * float(scores[key]) - figures[key]
+                cells += f"<td>{figures[key]:.2f}</td><td>{diff:+.2f}</td>"
+            else:
+                cells += "<td></td><td></td>"
+        rows.append(f"<tr><th>{html.escape(label)}</th>{cells}</tr>")
+    return head, "\n".join(rows)
+
+
 def _html_page(scores: dict, figs: list[go.Figure], meta: dict) -> str:
-    rows = "\n".join(
-        f"<tr><th>{html.escape(label)}</th><td>{_pct(scores[key])}</td></tr>" for key, label in SCORE_LABELS
-    )
+    published = meta.get("published")
+    head, rows = _score_rows(scores, published)
+    source = (f'<p class="note">Published figures: {html.escape(published["weights"])} on '
+              f'{html.escape(published["dataset"])}{" with CRF" if published["crf"] else ""}.</p>'
+              if published else "")
     ck = meta.get("checkpoint")
     ck_line = (
         f"{html.escape(ck['file'])} <code>sha256 {html.escape(ck['sha256'])}</code>" if ck else "none"
@@ -349,12 +380,14 @@ table.scores td {{ text-align: right; font-variant-numeric: tabular-nums; }}
 <body>
 <h1>Segmentation evaluation report</h1>
 <p>Date (UTC): {html.escape(meta['date'])}<br>Checkpoint: {ck_line}</p>
+{_protocol_html(meta.get("protocol"))}
 <table class="scores">
-<thead><tr><th>Score</th><td>%</td></tr></thead>
+<thead>{head}</thead>
 <tbody>
 {rows}
 </tbody>
 </table>
+{source}
 <p class="note">{n_present} of {scores['n_classes']} classes occur in the ground truth.
 Mean Accuracy, Mean IoU and Frequency Weighted IoU average over the classes that occur in
 the ground truth; classes with no ground-truth pixels are reported as absent (not as 0 and
@@ -449,6 +482,8 @@ def write_report(
     _write_per_image(paths["per_image_csv"], per_image)
 
     figs = [class_iou_figure(scores, names, palette), confusion_figure(scores, names)]
-    page = _html_page(scores, figs, {"date": date, "checkpoint": ck_info, "failures": failure_list})
+    page = _html_page(scores, figs, {"date": date, "checkpoint": ck_info, "failures": failure_list,
+                                     "protocol": (options or {}).get("protocol"),
+                                     "published": (extra or {}).get("published")})
     paths["report_html"].write_text(page, encoding="utf-8")
     return paths

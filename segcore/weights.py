@@ -39,6 +39,8 @@ class Weights:
     test_size: int = 513
     crf: dict = field(default_factory=lambda: dict(DEFAULT_CRF))
     sha256: str | None = None
+    dataset_format: str | None = None
+    """The ``segcore evaluate --format`` of the set the published scores were measured on."""
 
     def __post_init__(self):
         if not self.url:
@@ -67,13 +69,15 @@ REGISTRY: dict[str, Weights] = {
     for w in (
         Weights("voc12", "deeplabv2_resnet101_msc-vocaug-20000.pth", 21, "voc", "PASCAL VOC 2012 val",
                 {"pixel_accuracy": 94.64, "mean_accuracy": 86.50, "mean_iou": 76.65, "fw_iou": 90.41,
-                 "mean_iou_crf": 77.93}),
+                 "mean_iou_crf": 77.93}, dataset_format="voc"),
         Weights("cocostuff164k", "deeplabv2_resnet101_msc-cocostuff164k-100000.pth", 182, "cocostuff",
                 "COCO-Stuff 164k val",
-                {"pixel_accuracy": 66.8, "mean_accuracy": 51.2, "mean_iou": 39.1, "fw_iou": 51.5}),
+                {"pixel_accuracy": 66.8, "mean_accuracy": 51.2, "mean_iou": 39.1, "fw_iou": 51.5},
+                dataset_format="cocostuff164k"),
         Weights("cocostuff10k", "deeplabv2_resnet101_msc-cocostuff10k-20000.pth", 182, "cocostuff",
                 "COCO-Stuff 10k test",
-                {"pixel_accuracy": 65.8, "mean_accuracy": 45.7, "mean_iou": 34.8, "fw_iou": 51.2}),
+                {"pixel_accuracy": 65.8, "mean_accuracy": 45.7, "mean_iou": 34.8, "fw_iou": 51.2},
+                dataset_format="cocostuff10k"),
     )
 }
 

@@ -299,6 +299,49 @@ def test_evaluate_labelme_zip_matches_the_evaluator(client, app_files, tmp_path)
     assert "warning" in issues  # the generated files have shapes reaching outside the image
 
 
+def test_evaluate_with_the_reference_protocol(client, app_files, tmp_path):
+    """The protocol choice reaches segcore.evaluate and the summary says which one ran."""
+    import segcore
+
+    _, ckpt = app_files
+    archive = labelme_zip(tmp_path)
+    summary, scores, *_ = call(client, "/evaluate", "Model on labelme annotations", [handle_file(str(archive))],
+                               None, None, "model", None, "error", *MODEL, "reference")
+    dataset = segcore.open_dataset(archive, "labelme", label_space="voc")
+    seg = tiny_segmenter(ckpt)
+    direct = segcore.evaluate(seg, dataset, protocol="reference", progress=False, distributed=False)
+    resized = segcore.evaluate(seg, dataset, protocol="resize", progress=False, distributed=False)
+    assert direct.scores["mean_iou"] != resized.scores["mean_iou"]  # the choice matters on these images
+    (value,) = [row[1] for row in scores["data"] if "(mIoU)" in row[0]]
+    assert value == pytest.approx(100 * direct.scores["mean_iou"], abs=0.006)
+    assert "reference protocol, images native" in summary
+
+
+def test_compare_api_matches_segcore_compare(client, app_files, tmp_path):
+    """/compare: two checkpoints (one uploaded) on the same labelme zip, as segcore.compare computes it."""
+    import segcore
+    from segcore.compare import compare
+
+    _, ckpt = app_files
+    other = tiny_checkpoint(tmp_path / "other.pth", seed=9)
+    name, _ = call(client, "/upload_checkpoint", handle_file(str(other)), "auto", None)
+    archive = labelme_zip(tmp_path)
+    summary, table, report, bars, scatter, gallery = call(
+        client, "/compare", [handle_file(str(archive))], None, "model", None, "error", ["tiny.pth", name],
+        False, False, TEST_SIZE, "resize")
+    dataset = segcore.open_dataset(archive, "labelme", label_space="voc")
+    other_seg = segcore.Segmenter.from_pretrained(other, scales=(), test_size=TEST_SIZE, device="cpu")
+    direct = compare([tiny_segmenter(ckpt), other_seg], dataset, protocol="resize", progress=False,
+                     distributed=False)
+    rows = {row[0]: row for row in table["data"]}
+    assert rows[name][3] == pytest.approx(100 * direct.results[1].scores["mean_iou"], abs=0.006)
+    assert f"{100 * direct.differences[0]['mean_iou']:+.2f}" in summary and "95% interval" in summary
+    assert bars["type"] == "plotly" and "Per-class IoU (%) by model" in bars["plot"]
+    assert "Per-image mIoU" in scatter["plot"] and gallery
+    with zipfile.ZipFile(report) as zf:
+        assert any(n.endswith("comparison.html") for n in zf.namelist())
+
+
 def test_evaluate_reports_bad_files_and_unknown_labels(client, tmp_path):
     def spoil(folder: Path):
         (folder / "broken.json").write_text("{ not json")

@@ -162,6 +162,31 @@ def test_evaluate_with_only_unknown_labels_shows_the_message_and_no_figures(page
     assert page.locator("#eval-worst .thumbnail-item").count() == 0
 
 
+def test_compare_section_draws_grouped_bars_for_two_checkpoints(page, tmp_path):
+    from demo.models import UPLOAD_SUFFIX
+
+    set_fast_options(page)
+    page.get_by_text("Upload a checkpoint").click()
+    page.locator("input[type=file][accept*='.pth']").set_input_files(str(tiny_checkpoint(tmp_path / "second.pth",
+                                                                                         seed=7)))
+    page.get_by_role("button", name="Use this checkpoint").click()
+    page.wait_for_selector("#model-status:has-text('second.pth')")
+    page.get_by_role("tab", name="Evaluate").click()
+    page.locator("#eval-files input[type=file]").set_input_files(str(make_labelme_zip(tmp_path)))
+    page.wait_for_selector("#eval-files [aria-label='my_annotations.zip']")
+    page.get_by_text("Compare models on these annotations").click()
+    models = page.locator("#compare-models input")
+    for name in ("tiny.pth", "second.pth" + UPLOAD_SUFFIX):
+        models.click()
+        models.fill(name)
+        models.press("Enter")
+    page.click("#run-compare")
+    page.wait_for_selector("#compare-bars .js-plotly-plot")
+    assert page.locator("#compare-bars .barlayer .trace").count() == 2  # one bar series per model
+    assert "Per-class IoU (%) by model" in page.locator("#compare-bars").inner_text()
+    assert "3 of 3 images compared" in page.locator("#compare-summary").inner_text()
+
+
 # ----------------------------------------------------------------------------- screenshots
 
 

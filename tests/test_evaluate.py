@@ -130,7 +130,7 @@ def test_bad_files_are_recorded_and_the_run_goes_on(tmp_path, segmenter):
     bad[3, 4] = 30
     save_palette_png(tmp_path / "SegmentationClass" / "outofrange.png", bad)
     ds = open_dataset(tmp_path)
-    result = evaluate(segmenter, ds, out_dir=tmp_path / "out", progress=False)
+    result = evaluate(segmenter, ds, protocol="resize", out_dir=tmp_path / "out", progress=False)
     assert result.exit_code == 1 and [r["image"] for r in result.per_image] == ["good", "good2"]
     reasons = {f["image"]: f["reason"] for f in result.failures}
     assert set(reasons) == {"nomask", "small", "outofrange"}
@@ -181,7 +181,10 @@ def test_empty_and_unusable_inputs_are_clear_errors(tmp_path, ckpt, segmenter, c
     (tmp_path / "c" / "images" / "val2017").mkdir(parents=True)
     (tmp_path / "c" / "annotations" / "val2017").mkdir(parents=True)
     Image.new("RGB", (16, 16)).save(tmp_path / "c" / "images" / "val2017" / "1.jpg")
-    with pytest.raises(EvaluationError, match="the dataset has 182 classes but the model 21"):
+    from segcore.pred_map import PredictionMapError
+
+    with pytest.raises(PredictionMapError, match=r"model's label space \(voc\) differs from the evaluation's "
+                                                 r"\(cocostuff\) and there is no built-in mapping"):
         evaluate(segmenter, open_dataset(tmp_path / "c"), progress=False)
 
 
@@ -207,7 +210,7 @@ def test_cuda_evaluation_matches_a_direct_count(tmp_path, ckpt):
     seg = Segmenter.from_pretrained(str(ckpt), scales=(), test_size=TEST_SIZE, device="cuda",
                                     precision="fp32")
     labels = _voc(tmp_path, ["a", "b"])
-    result = evaluate(seg, open_dataset(tmp_path), progress=False)
+    result = evaluate(seg, open_dataset(tmp_path), protocol="resize", progress=False)
     preds = [seg.predict(tmp_path / "JPEGImages" / f"{n}.jpg").label_map for n in ("a", "b")]
     matrix, _ = _hand_scores([labels["a"], labels["b"]], preds, 21)
     assert result.scores["confusion_matrix"] == matrix.tolist() and result.ok

@@ -78,8 +78,3 @@ def augment(image_rgb: np.ndarray, label: np.ndarray, rng: random.Random, *, sca
     image = (image - mean).transpose(2, 0, 1)
     return np.ascontiguousarray(image, dtype=np.float32), np.ascontiguousarray(label).astype(np.int64)
 
-
-def preprocess_eval(image_rgb: np.ndarray, mean_bgr) -> np.ndarray:
-    """Whole-image evaluation input: 3xHxW float32 BGR minus mean."""
-    image = image_rgb[:, :, ::-1].astype(np.float32) - np.asarray(mean_bgr, dtype=np.float32)
-    return np.ascontiguousarray(image.transpose(2, 0, 1))

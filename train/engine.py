@@ -39,20 +39,16 @@ import torch.nn.functional as F
 
 from annotations import IGNORE_INDEX
 from segcore.checkpoint import read_checkpoint_file, save_checkpoint
-from segcore.metrics import ConfusionMatrix
 from segcore.model import build_model
 
 from . import init_weights
-from .augmentation import preprocess_eval
 from .config import ConfigError, TrainConfig, dump_config
 from .data import (
     SYNTHETIC_CLASSES,
     GlobalBatchSampler,
     TrainSet,
-    check_label,
     make_loader,
     open_datasets,
-    source_of,
 )
 from .errors import TrainError
 
@@ -355,32 +351,32 @@ def make_writer(path: Path, enabled: bool):
 
 
 # ---------------------------------------------------------------------------------------------- validation
-@torch.no_grad()
-def evaluate(model: nn.Module, dataset, n_classes: int, mean_bgr, device, *, autocast=nullcontext,
-             channels_last=False, rank=0, world_size=1, max_images=None) -> dict:
-    """Whole-image validation with the streaming confusion matrix; shards over ranks, all-reduced."""
+def evaluate(model: nn.Module, dataset, class_names, device, *, precision: str = "fp32",
+             max_images=None) -> dict:
+    """Validation through segcore's evaluation loop (:func:`segcore.evaluate`) with the protocol
+    ``python -m segcore evaluate`` uses for the dataset's format, so the mIoU logged here is the one
+    that command reports for the saved checkpoint. Shards over ranks; an unreadable or mislabelled
+    validation image stops the run with its file named."""
+    from segcore.evaluate import evaluate as evaluate_dataset
+    from segcore.segmenter import Segmenter
+
     was_training = model.training
-    model.eval()
-    cm = ConfusionMatrix(n_classes)
-    n = len(dataset) if max_images is None else min(len(dataset), max_images)
+    n = len(class_names)
     try:
-        for i in range(rank, n, world_size):
-            sample = dataset[i]
-            check_label(sample.label, n_classes, source_of(dataset, i, sample.name))
-            x = torch.from_numpy(preprocess_eval(sample.image, mean_bgr))[None].to(device)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast():
-                logits = model(x)
-            logits = F.interpolate(logits.float(), size=sample.label.shape, mode="bilinear",
-                                   align_corners=False)
-            pred = logits.argmax(1)[0]
-            cm.update(torch.from_numpy(sample.label.astype(np.int64)).to(pred.device), pred, name=sample.name)
-        cm.all_reduce()
+        # the palette only colours report thumbnails, and validation writes no report
+        segmenter = Segmenter(model, class_names, np.zeros((n, 3), np.uint8), scales=model.scales, device=device,
+                              precision=precision, max_pixels=None)
+        result = evaluate_dataset(segmenter, dataset, progress=False, worst=0, max_images=max_images,
+                                  intervals=False)
     finally:
         if was_training:
             set_train_mode(model)
-    return cm.compute()
+    if result.failures:
+        first = result.failures[0]
+        reason = first["reason"] if first["reason"].startswith(first["file"]) else f"{first['file']}: {first['reason']}"
+        more = f" (and {len(result.failures) - 1} more)" if len(result.failures) > 1 else ""
+        raise TrainError(f"validation image {reason}{more}")
+    return result.scores
 
 
 # ------------------------------------------------------------------------------------------------- trainer
@@ -567,8 +563,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, info: DistInfo,
     def validate(iteration: int) -> dict | None:
         if val_ds is None:
             return None
-        scores = evaluate(model, val_ds, n_classes, cfg.data.mean_bgr, device, autocast=autocast,
-                          channels_last=channels_last, rank=info.rank, world_size=info.world_size,
+        scores = evaluate(model, val_ds, class_names, device, precision=precision,
                           max_images=cfg.data.val_max_images)
         if info.is_main:
             print(f"iteration {iteration}: val mIoU {scores['mean_iou']:.4f}, pixel accuracy "

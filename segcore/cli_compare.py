@@ -1,0 +1,58 @@
+"""``python -m segcore compare --weights A B [C ...] --data PATH --out DIR``: every model on the same
+images in one pass (each image read once), with ``evaluate``'s options; writes comparison.json,
+per_image.csv and comparison.html. Works under torchrun like ``evaluate``."""
+
+from __future__ import annotations
+
+
+def add_arguments(parser):
+    from .cli_evaluate import add_arguments as add_evaluate_arguments
+
+    add_evaluate_arguments(parser)
+    for action in parser._actions:  # the same options as evaluate, but several --weights
+        if action.dest == "weights":
+            action.nargs, action.required = "+", True
+            action.help = "two or more registry names or checkpoint paths; differences are against the first"
+        if action.dest == "out":
+            action.default = action.default.with_name("comparison")
+    parser.set_defaults(worst=0)
+
+
+def run(args) -> int:
+    from .cli_evaluate import _label_space_for, model_from_args, protocol_from_args
+    from .compare import compare, format_comparison_table
+    from .datasets import open_dataset
+    from .evaluate import EvaluationError, init_distributed
+
+    if args.format == "masks" or args.pred is not None:
+        raise EvaluationError("compare runs models; stored prediction masks are scored with evaluate --format masks")
+    if len(args.weights) < 2:
+        raise EvaluationError("compare needs at least two --weights")
+    rank, world, started = init_distributed(args.device)
+    try:
+        if world > 1 and args.device == "auto":
+            import torch
+
+            if torch.cuda.is_available():
+                args.device = f"cuda:{torch.cuda.current_device()}"
+        fmt, protocol = protocol_from_args(args)
+        segmenters = [model_from_args(args, w) for w in args.weights]
+        space = _label_space_for(segmenters[0], args.labels)
+        dataset = open_dataset(args.data, fmt, split=args.split, label_space=space, mapping=args.map,
+                               unknown=args.unknown)
+        names = tuple(dataset.class_names or segmenters[0].class_names)
+        pred_maps = [None if tuple(s.class_names) == names else args.pred_map for s in segmenters]
+        options = {"data": str(args.data), "format": dataset.format, "split": dataset.split}
+        result = compare(segmenters, dataset, labels=list(args.weights), protocol=protocol, pred_maps=pred_maps,
+                         out_dir=args.out, progress=not args.no_progress, options=options)
+        if rank == 0:
+            print(format_comparison_table(result))
+            for label, r in zip(result.labels, result.results):
+                print(f"{label}: {r.summary()}")
+            print(f"report written to {args.out} ({', '.join(p.name for p in result.report.values())})")
+        return result.exit_code
+    finally:
+        if started:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
