@@ -55,6 +55,8 @@ def build(ctx: Context) -> None:
         try:
             with user_errors(paths[0].name), Inputs([paths[0]], max_zip_bytes=MAX_UNPACKED_BYTES,
                                                     max_zip_files=4 * MAX_IMAGES, workdir=job) as found:
+                if not found.images and found.failed:  # e.g. a zip refused as unsafe: say why
+                    raise UserError(readable("; ".join(f"{k}: {v}" for k, v in found.failed.items())))
                 _check_count(len(found.images))
                 progress((0, len(found.images)), desc="Pre-labelling", unit="images")
                 result = predict_files(
