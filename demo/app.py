@@ -5,9 +5,13 @@ from __future__ import annotations
 import gradio as gr
 
 from . import convert_tab, evaluate_tab, image_tab, video_tab, webcam_tab
-from .common import EXAMPLES_DIR, AppConfig, WorkDir
+from gradio.utils import get_upload_folder
+
+from .common import EXAMPLES_DIR, AppConfig
+from .isolation import warm_up
+from .jobs import Jobs, JobDirs, TempSpace
 from .models import ModelStore
-from .panel import Context, build_panel
+from .panel import Context, build_panel, remember_uploads
 
 TITLE = "DeepLab-v2 semantic segmentation"
 
@@ -29,9 +33,11 @@ def build_app(config: AppConfig | None = None) -> gr.Blocks:
     """
     cfg = config or AppConfig.from_env()
     store = ModelStore(cfg.weights, upload_dir=cfg.work_dir / "checkpoints", max_loaded=cfg.max_loaded_models,
-                       max_pixels=cfg.max_image_pixels, device=cfg.device)
-    ctx = Context(cfg, store, WorkDir(cfg.work_dir, cfg.keep_seconds))
-    with gr.Blocks(title=TITLE, delete_cache=(3600, cfg.keep_seconds)) as demo:
+                       max_pixels=cfg.max_image_pixels, device=cfg.device, shared_uploads=cfg.shared_uploads)
+    work = JobDirs(cfg.work_dir, cfg.keep_seconds)
+    space = TempSpace([cfg.work_dir, get_upload_folder()], cfg.max_temp_bytes)
+    ctx = Context(cfg, store, work, jobs=Jobs(work, space, cfg.time_limit))
+    with gr.Blocks(title=TITLE, delete_cache=(600, cfg.keep_seconds)) as demo:
         gr.Markdown(INTRO)
         build_panel(ctx)
         with gr.Tabs():
@@ -40,6 +46,7 @@ def build_app(config: AppConfig | None = None) -> gr.Blocks:
             webcam_tab.build(ctx)
             evaluate_tab.build(ctx)
             convert_tab.build(ctx)
+        remember_uploads(ctx, demo)
     demo.queue(max_size=cfg.queue_size, default_concurrency_limit=cfg.job_concurrency())
     demo.segcore = ctx
     return demo
@@ -48,6 +55,7 @@ def build_app(config: AppConfig | None = None) -> gr.Blocks:
 def launch(demo: gr.Blocks, *, server_name: str | None = None, server_port: int | None = None, **kwargs):
     """``demo.launch`` with the app's upload cap, allowed folders and theme."""
     cfg: AppConfig = demo.segcore.config
+    warm_up()  # the process that runs conversions starts while the server does
     return demo.launch(server_name=server_name, server_port=server_port, max_file_size=cfg.max_file_size,
                        allowed_paths=[str(cfg.work_dir), str(EXAMPLES_DIR)], theme=gr.themes.Soft(), css=CSS,
                        footer_links=["api", "gradio", "settings"], **kwargs)

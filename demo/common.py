@@ -51,6 +51,12 @@ class AppConfig:
     work_dir: Path = field(default_factory=lambda: Path(tempfile.gettempdir()) / "segcore-app")
     keep_seconds: int = 3600
     """Result files older than this are removed when later requests come in."""
+    shared_uploads: bool = False
+    """Uploaded checkpoints visible to every visitor (a private server); off: each browser sees its own."""
+    max_temp_bytes: int | None = 10 * 1024**3
+    """Temporary space (app folder + Gradio's cache) past which new jobs get "server busy"."""
+    time_limit: int | None = 600
+    """Seconds a request may run before it is stopped with a message."""
 
     @classmethod
     def from_env(cls, **overrides) -> AppConfig:
@@ -64,6 +70,9 @@ class AppConfig:
             max_file_size=os.environ.get("SEGCORE_MAX_FILE_SIZE") or cls.max_file_size,
             queue_size=_env_int("SEGCORE_QUEUE_SIZE", cls.queue_size) or 16,
             concurrency=_env_int("SEGCORE_CONCURRENCY", None),
+            shared_uploads=os.environ.get("SEGCORE_SHARED_UPLOADS", "").lower() in ("1", "true", "yes", "on"),
+            max_temp_bytes=_env_int("SEGCORE_MAX_TEMP_BYTES", cls.max_temp_bytes),
+            time_limit=_env_int("SEGCORE_TIME_LIMIT", cls.time_limit),
         )
         if os.environ.get("SEGCORE_APP_DIR"):
             cfg.work_dir = Path(os.environ["SEGCORE_APP_DIR"])
@@ -177,6 +186,14 @@ def gather_uploads(files, dest: Path) -> Path:
     if len(entries) == 1 and entries[0].is_dir():
         return entries[0]
     return dest
+
+
+def write_png(rgb, path: Path) -> str:
+    """An image array as a PNG file, written once (a path to return instead of an array)."""
+    from PIL import Image
+
+    Image.fromarray(rgb).save(path)
+    return str(path)
 
 
 def zip_folder(folder: Path, archive: Path) -> Path:

@@ -100,6 +100,7 @@ def build(ctx: Context) -> None:
 
     mode.change(switch, mode, [files, predictions, mapping], api_visibility="private", queue=False)
 
+    @ctx.jobs.scoped
     def evaluate(mode_name, annotation_files, prediction_files, mapping_file, label_space, labels_file,
                  unknown_labels, weights, multiscale, crf, test_size, progress=gr.Progress(track_tqdm=True)):
         masks = mode_name == MASKS_MODE

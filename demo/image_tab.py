@@ -8,7 +8,7 @@ import gradio as gr
 
 import segcore
 
-from .common import EXAMPLES_DIR, legend_html, safe_stem, user_errors
+from .common import EXAMPLES_DIR, legend_html, safe_stem, user_errors, write_png
 from .panel import Context, model_for, refresh_status
 
 
@@ -65,6 +65,7 @@ def build(ctx: Context) -> None:
         if cfg.max_image_pixels:
             gr.Markdown(f"Images up to {cfg.max_image_pixels / 1e6:g} megapixels.", elem_classes="limits")
 
+    @ctx.jobs.scoped
     def segment_image(image, weights, multiscale, crf, test_size, opacity, progress=gr.Progress()):
         if not image:
             raise gr.Error("Upload, paste or pick an example image first.")
@@ -75,10 +76,14 @@ def build(ctx: Context) -> None:
             progress(0.5, desc="Segmenting")
             pred = seg.predict(rgb)
             over = pred.overlay(float(opacity if opacity is not None else 0.5))
-        out = ctx.work.new("image") / f"{safe_stem(name)}_mask.png"
+        job = ctx.work.new("image")
+        out = job / f"{safe_stem(name)}_mask.png"
         pred.save(out)
         legend_markup = legend_html(pred.class_fractions(), pred.class_names, pred.palette)
-        return over, pred.colorize(), legend_markup, str(out)
+        # files written once in this job's own folder: Gradio would otherwise rewrite a shared cache file
+        # (named by content) in place while another client may be downloading it
+        return write_png(over, job / "overlay.png"), write_png(pred.colorize(), job / "label_map.png"), \
+            legend_markup, str(out)
 
     event = run.click(segment_image, [image, *ctx.model_inputs(), ctx.opacity], [overlay, colour, legend, mask],
               api_name="segment_image", concurrency_id="model")

@@ -76,6 +76,7 @@ def build(ctx: Context) -> None:
                                   height=320)
                 info = gr.Markdown(elem_id="video-info")
 
+    @ctx.jobs.scoped
     def segment_video(video, weights, multiscale, crf, test_size, opacity, frame_stride, smooth,
                       request: gr.Request, progress=gr.Progress()):
         if not video:

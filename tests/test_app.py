@@ -11,6 +11,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -182,7 +183,7 @@ def test_checkpoint_upload(client, tmp_path):
 
     good = tiny_checkpoint(tmp_path / "mine.safetensors", seed=5, meta={"class_names": [f"c{i}" for i in range(21)]})
     weights, status = call(client, "/upload_checkpoint", handle_file(str(good)), "auto", None)
-    assert weights == "mine.safetensors (uploaded)" and "21 classes" in status
+    assert re.fullmatch(r"mine\.safetensors \([0-9a-f]{8}\) \(uploaded\)", weights) and "21 classes" in status
     src = tmp_path / "x.png"
     Image.fromarray(scene_image(40, 48, seed=1)).save(src)
     _, _, legend, _ = call(client, "/segment_image", handle_file(str(src)), weights, False, False, TEST_SIZE, 0.5)
