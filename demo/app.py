@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-import gradio as gr
+import tempfile
+from pathlib import Path
 
-from . import convert_tab, evaluate_tab, image_tab, video_tab, webcam_tab
+import gradio as gr
 from gradio.utils import get_upload_folder
 
+from . import convert_tab, evaluate_tab, image_tab, video_tab, webcam_tab
 from .common import EXAMPLES_DIR, AppConfig
 from .isolation import warm_up
 from .jobs import Jobs, JobDirs, TempSpace
@@ -29,13 +31,18 @@ INTRO = (f"# {TITLE}\n"
 def build_app(config: AppConfig | None = None) -> gr.Blocks:
     """The app, queued (``default_concurrency_limit`` 1 on the CPU, 2 on a GPU; ``max_size`` on the queue).
 
+    Each kind of work has its own concurrency group, so a long job never holds up a quick one: "model"
+    (images, checkpoint uploads), "long" (videos, evaluations), "convert" (in a worker process), "webcam".
+
     Nothing is loaded here: weights load on first use, so the app starts in seconds even offline.
     """
     cfg = config or AppConfig.from_env()
     store = ModelStore(cfg.weights, upload_dir=cfg.work_dir / "checkpoints", max_loaded=cfg.max_loaded_models,
                        max_pixels=cfg.max_image_pixels, device=cfg.device, shared_uploads=cfg.shared_uploads)
     work = JobDirs(cfg.work_dir, cfg.keep_seconds)
-    space = TempSpace([cfg.work_dir, get_upload_folder()], cfg.max_temp_bytes)
+    # the app's folder, Gradio's uploads and results, and segcore's extractions of zipped labelme datasets
+    space = TempSpace([cfg.work_dir, get_upload_folder(), Path(tempfile.gettempdir()) / "segcore-labelme-*"],
+                      cfg.max_temp_bytes)
     ctx = Context(cfg, store, work, jobs=Jobs(work, space, cfg.time_limit))
     with gr.Blocks(title=TITLE, delete_cache=(600, cfg.keep_seconds)) as demo:
         gr.Markdown(INTRO)
@@ -55,7 +62,12 @@ def build_app(config: AppConfig | None = None) -> gr.Blocks:
 def launch(demo: gr.Blocks, *, server_name: str | None = None, server_port: int | None = None, **kwargs):
     """``demo.launch`` with the app's upload cap, allowed folders and theme."""
     cfg: AppConfig = demo.segcore.config
-    warm_up()  # the process that runs conversions starts while the server does
-    return demo.launch(server_name=server_name, server_port=server_port, max_file_size=cfg.max_file_size,
-                       allowed_paths=[str(cfg.work_dir), str(EXAMPLES_DIR)], theme=gr.themes.Soft(), css=CSS,
-                       footer_links=["api", "gradio", "settings"], **kwargs)
+    return_at_once = kwargs.pop("prevent_thread_lock", False)
+    result = demo.launch(server_name=server_name, server_port=server_port, max_file_size=cfg.max_file_size,
+                         allowed_paths=[str(cfg.work_dir), str(EXAMPLES_DIR)], theme=gr.themes.Soft(), css=CSS,
+                         footer_links=["api", "gradio", "settings"], prevent_thread_lock=True, **kwargs)
+    # the process that runs conversions starts once the server is up (not during Gradio's start-up checks)
+    warm_up()
+    if not return_at_once:
+        demo.block_thread()
+    return result

@@ -44,7 +44,8 @@ class AppConfig:
     max_video_frames: int | None = 3600
     max_video_pixels: int | None = 1920 * 1080
     max_file_size: str = "200mb"
-    queue_size: int = 16
+    queue_size: int = 32
+    """Requests waiting in the queue (per app) before new ones are told the queue is full."""
     concurrency: int | None = None
     """Jobs run at once per event; None: 1 on the CPU, 2 on a GPU."""
     max_loaded_models: int = 2
@@ -68,7 +69,7 @@ class AppConfig:
             max_video_frames=_env_int("SEGCORE_MAX_VIDEO_FRAMES", cls.max_video_frames),
             max_video_pixels=_env_int("SEGCORE_MAX_VIDEO_PIXELS", cls.max_video_pixels),
             max_file_size=os.environ.get("SEGCORE_MAX_FILE_SIZE") or cls.max_file_size,
-            queue_size=_env_int("SEGCORE_QUEUE_SIZE", cls.queue_size) or 16,
+            queue_size=_env_int("SEGCORE_QUEUE_SIZE", cls.queue_size) or cls.queue_size,
             concurrency=_env_int("SEGCORE_CONCURRENCY", None),
             shared_uploads=os.environ.get("SEGCORE_SHARED_UPLOADS", "").lower() in ("1", "true", "yes", "on"),
             max_temp_bytes=_env_int("SEGCORE_MAX_TEMP_BYTES", cls.max_temp_bytes),

@@ -125,6 +125,7 @@ def build(ctx: Context) -> None:
                 map_file = str(as_paths(mapping_file)[0]) if as_paths(mapping_file) else None
                 dataset = segcore.open_dataset(source, "labelme", label_space=space, mapping=map_file,
                                                unknown=unknown_labels or "error")
+                ctx.jobs.screen(dataset)  # a file that holds the interpreter is stopped in a separate process
             progress(0.0, desc="Evaluating")
             out = job / "report"
             result = segcore.evaluate(seg, dataset, out_dir=out, progress=True, distributed=False,
@@ -145,5 +146,5 @@ def build(ctx: Context) -> None:
 
     event = run.click(evaluate, [mode, files, predictions, mapping, space, labels, unknown, *ctx.model_inputs()],
               [summary, scores, report, bars, confusion, per_image, gallery, issues], api_name="evaluate",
-              concurrency_id="model")
+              concurrency_id="long")
     refresh_status(ctx, event)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import glob
 import inspect
 import os
 import shutil
@@ -24,6 +25,7 @@ from pathlib import Path
 import gradio as gr
 
 from .common import WorkDir
+from .isolation import read_every_item, run_isolated
 
 BUSY = "Server busy: its temporary space is full. Try again in a few minutes."
 
@@ -55,7 +57,8 @@ class TempSpace:
     """Bytes in use under some folders, measured at most every ``recheck`` seconds, against a cap."""
 
     def __init__(self, folders, cap_bytes: int | None, recheck: float = 2.0):
-        self.folders = [Path(f) for f in folders]
+        self.folders = [str(f) for f in folders]
+        """Folders, or glob patterns of folders (``/tmp/segcore-labelme-*``)."""
         self.cap_bytes = cap_bytes
         self.recheck = recheck
         self._measured = (-1e9, 0)
@@ -65,7 +68,8 @@ class TempSpace:
         with self._lock:
             at, used = self._measured
             if fresh or time.monotonic() - at > self.recheck:
-                used = sum(folder_bytes(f) for f in self.folders if f.is_dir())
+                roots = [r for f in self.folders for r in (glob.glob(f) if "*" in f else [f])]
+                used = sum(folder_bytes(Path(r)) for r in roots if os.path.isdir(r))
                 self._measured = (time.monotonic(), used)
             return used
 
@@ -79,6 +83,8 @@ class Job:
     deadline: float | None
     limit: float | None
     folders: list[Path] = field(default_factory=list)
+    closers: list = field(default_factory=list)
+    """Called when the job ends, however it ends (e.g. a dataset's zip extraction)."""
 
     def check_time(self) -> None:
         if self.deadline is not None and time.monotonic() > self.deadline:
@@ -212,7 +218,21 @@ class Jobs:
                 raise
             finally:
                 _current.reset(token)
+                for close in job.closers:
+                    close()
             self.work.finish(job, result)
             return result
 
         return run
+
+    def screen(self, dataset) -> None:
+        """Read every item of ``dataset`` once in a killable process before the real run reads it here.
+
+        labelme files are decoded and rasterised in pure Python and Pillow calls that hold the interpreter:
+        one hostile file would stall every request of this server. Whatever is slow to read is stopped at
+        the time limit out there, and never reaches this process.
+        """
+        job = current_job() or Job(time.monotonic() + self.time_limit if self.time_limit else None, self.time_limit)
+        if hasattr(dataset, "close"):
+            job.closers.append(dataset.close)  # a zip's extraction goes when the job ends, not at collection
+        run_isolated(read_every_item, dataset, timeout=job.seconds_left(), on_timeout=job.timeout_error())

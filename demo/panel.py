@@ -66,13 +66,15 @@ def build_panel(ctx: Context) -> None:
                                       info="long side the image is resized to (px)")
             ctx.opacity = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Overlay opacity",
                                     info="0: the photo, 1: the class colours")
-        with gr.Accordion("Upload a checkpoint (.pth / .safetensors, e.g. one trained with train/)", open=False):
+        with gr.Accordion("Upload a checkpoint (.pth / .safetensors, e.g. one trained with train/)", open=False,
+                          elem_id="upload-accordion"):
             with gr.Row():
-                ckpt = gr.File(label="Checkpoint", file_types=[".pth", ".safetensors", ".pt"], scale=2)
+                ckpt = gr.File(label="Checkpoint", file_types=[".pth", ".safetensors", ".pt"], scale=2,
+                               elem_id="checkpoint-file")
                 space = gr.Dropdown(LABEL_CHOICES, value="auto", label="Label set",
                                     info="auto: the checkpoint's own names, else 21 = VOC, 182 = COCO-Stuff")
                 labels = gr.File(label="labels.txt (overrides the label set)", file_types=[".txt"])
-            upload = gr.Button("Use this checkpoint")
+            upload = gr.Button("Use this checkpoint", elem_id="upload-checkpoint")
             uploaded = gr.Textbox(visible=False, label="Weights name")
     # this browser's owner token, kept in its localStorage: its uploads survive a page reload
     ctx.remembered = gr.BrowserState(None, storage_key="segcore-owner")
