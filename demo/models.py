@@ -27,6 +27,8 @@ from segcore.report import sha256_file
 log = logging.getLogger("demo")
 
 UPLOAD_SUFFIX = " (uploaded)"
+MAX_UPLOADS_PER_OWNER = 5
+"""An owner's sixth upload drops their oldest (deleted from disk when nobody else uploaded it too)."""
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,8 @@ class ModelStore:
         self.shared_uploads = bool(shared_uploads)
         self._owners: dict[str, set[str]] = {}
         """Upload menu name -> the owners who uploaded it (names not in here are public)."""
+        self._by_owner: dict[str, list[str]] = {}
+        """Owner -> their uploads, oldest first."""
         self.max_loaded = max(1, int(max_loaded))
         self.max_pixels = max_pixels
         self.device = device
@@ -185,7 +189,7 @@ class ModelStore:
             path.unlink(missing_ok=True)
             raise
         self._sources[name] = WeightsSource(name, str(kept), label_space)
-        self._owners.setdefault(name, set()).add(owner or "")
+        self._remember(name, owner or "")
         seg.name = name
         with self._lock:
             self._loaded[name] = seg
@@ -193,3 +197,24 @@ class ModelStore:
             while len(self._loaded) > self.max_loaded:
                 self._loaded.popitem(last=False)
         return name, seg
+
+    def _remember(self, name: str, owner: str) -> None:
+        """Give ``name`` to ``owner``; past their quota, forget their oldest upload."""
+        with self._lock:
+            self._owners.setdefault(name, set()).add(owner)
+            mine = [n for n in self._by_owner.get(owner, []) if n != name] + [name]
+            while len(mine) > MAX_UPLOADS_PER_OWNER:
+                self._forget(mine.pop(0), owner)
+            self._by_owner[owner] = mine
+
+    def _forget(self, name: str, owner: str) -> None:
+        owners = self._owners.get(name, set())
+        owners.discard(owner)
+        if owners:
+            return
+        src = self._sources.pop(name)
+        self._owners.pop(name, None)
+        self._loaded.pop(name, None)
+        folder = Path(src.target).parent
+        if not any(Path(s.target).parent == folder for s in self._sources.values()):
+            shutil.rmtree(folder, ignore_errors=True)

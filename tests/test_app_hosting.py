@@ -233,3 +233,18 @@ def test_sixteen_clients_eight_requests_each_without_a_failure(server, tmp_path)
     for t in threads:
         t.join(timeout=600)
     assert failures == [] and len(done) == 128
+
+
+def test_an_owners_oldest_upload_goes_past_the_quota(tmp_path):
+    from demo.models import MAX_UPLOADS_PER_OWNER, ModelStore
+
+    store = ModelStore(str(tiny_checkpoint(tmp_path / "base.pth")), upload_dir=tmp_path / "uploads")
+    names = []
+    for i in range(MAX_UPLOADS_PER_OWNER + 2):
+        (tmp_path / str(i)).mkdir()
+        names.append(store.upload(tiny_checkpoint(tmp_path / str(i) / "final.pth", seed=i), owner="alice")[0])
+    store.upload(tmp_path / "1" / "final.pth", owner="bob")  # Bob holds one of Alice's forgotten files too
+    alice = [n for n in store.choices("alice") if n.endswith("(uploaded)")]
+    assert alice == names[2:]  # the newest five
+    assert [n for n in store.choices("bob") if n.endswith("(uploaded)")] == [names[1]]
+    assert len(list((tmp_path / "uploads").iterdir())) == MAX_UPLOADS_PER_OWNER + 1  # names[0] deleted
