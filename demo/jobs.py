@@ -11,6 +11,7 @@ runs in a killable process (:mod:`demo.isolation`).
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import glob
@@ -143,23 +144,16 @@ class JobDirs(WorkDir):
                     if os.path.realpath(path) in keep:
                         kept_any = True
                     else:
-                        os.unlink(path)
+                        with contextlib.suppress(OSError):
+                            os.unlink(path)
                 for name in dirs:
-                    with _ignore_oserror():
+                    with contextlib.suppress(OSError):
                         os.rmdir(os.path.join(root, name))  # only empty ones go
             if kept_any:
                 with self._lock:
                     self._finished.append((time.monotonic(), folder))
             else:
                 shutil.rmtree(folder, ignore_errors=True)
-
-
-class _ignore_oserror:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, exc, tb):
-        return kind is not None and issubclass(kind, OSError)
 
 
 def _paths_in(value):

@@ -13,7 +13,6 @@ or select them unless the server runs with ``shared_uploads``. Registry names an
 from __future__ import annotations
 
 import hashlib
-import logging
 import shutil
 import threading
 from collections import OrderedDict
@@ -23,8 +22,6 @@ from pathlib import Path
 import segcore
 from segcore.model import DEFAULT_SCALES
 from segcore.report import sha256_file
-
-log = logging.getLogger("demo")
 
 UPLOAD_SUFFIX = " (uploaded)"
 MAX_UPLOADS_PER_OWNER = 5
