@@ -79,7 +79,8 @@ def build_panel(ctx: Context) -> None:
     # this browser's owner token, kept in its localStorage: its uploads survive a page reload
     ctx.remembered = gr.BrowserState(None, storage_key="segcore-owner")
 
-    ctx.weights.change(lambda name: status_text(store, name, ctx.owners.owner()), ctx.weights, ctx.status, api_visibility="private",
+    ctx.weights.change(lambda name: status_text(store, name, ctx.owners.owner()), ctx.weights, ctx.status,
+                       api_visibility="private",
                        queue=False)
 
     @ctx.jobs.scoped
@@ -105,7 +106,8 @@ def build_panel(ctx: Context) -> None:
 
 def refresh_status(ctx: Context, event) -> None:
     """After a job, show what is loaded now (a private step: not part of the API)."""
-    event.then(lambda name: status_text(ctx.store, name, ctx.owners.owner()), ctx.weights, ctx.status, api_visibility="private",
+    event.then(lambda name: status_text(ctx.store, name, ctx.owners.owner()), ctx.weights, ctx.status,
+               api_visibility="private",
                queue=False)
 
 

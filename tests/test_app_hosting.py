@@ -170,7 +170,7 @@ def test_other_clients_are_answered_while_a_hostile_request_runs(server, tmp_pat
                                  "error", "tiny.pth", False, False, TEST_SIZE, api_name="/evaluate")
     conversion = attacker.submit([handle_file(str(bomb))], "voc", "error", None, None, False, api_name="/convert")
     deadline = time.monotonic() + 60
-    while not all(job.done() or job.status().code.name in ("PROCESSING", "PROGRESS") for job in (evaluation, conversion)):
+    while not all(j.done() or j.status().code.name in ("PROCESSING", "PROGRESS") for j in (evaluation, conversion)):
         assert time.monotonic() < deadline, "the hostile requests never started"
         time.sleep(0.05)
 

@@ -52,7 +52,7 @@ def weight_options(page) -> list[str]:
     page.locator("#weights input").click()
     options = page.locator("[role=listbox] [role=option]")
     options.first.wait_for()
-    names = [t.strip().split("\n")[-1].strip() for t in options.all_inner_texts()]  # without the ✓ of the selected one
+    names = [t.strip().split("\n")[-1].strip() for t in options.all_inner_texts()]  # without the ✓ mark
     page.keyboard.press("Escape")
     return names
 
