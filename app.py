@@ -19,6 +19,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:1 ...")
     parser.add_argument("--host", default=None, help="default: $GRADIO_SERVER_NAME or 127.0.0.1")
     parser.add_argument("--port", type=int, default=None, help="default: $GRADIO_SERVER_PORT or 7860")
+    parser.add_argument("--shared-uploads", action="store_true", default=None,
+                        help="uploaded checkpoints visible to every visitor (default: each browser sees only its "
+                             "own; also $SEGCORE_SHARED_UPLOADS=1)")
     return parser.parse_args(argv)
 
 
@@ -27,7 +30,7 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from demo import AppConfig, build_app, launch
 
-    config = AppConfig.from_env(weights=args.weights, device=args.device)
+    config = AppConfig.from_env(weights=args.weights, device=args.device, shared_uploads=args.shared_uploads)
     demo = build_app(config)
     host = args.host or os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1"
     port = args.port or int(os.environ.get("GRADIO_SERVER_PORT") or 7860)

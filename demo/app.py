@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import gradio as gr
+from gradio.utils import get_upload_folder
 
 from . import convert_tab, evaluate_tab, image_tab, prelabel_tab, video_tab, webcam_tab
-from .common import EXAMPLES_DIR, AppConfig, WorkDir
+from .common import EXAMPLES_DIR, AppConfig
+from .isolation import warm_up
+from .jobs import Jobs, JobDirs, TempSpace
 from .models import ModelStore
-from .panel import Context, build_panel
+from .panel import Context, build_panel, remember_uploads
 
 TITLE = "DeepLab-v2 semantic segmentation"
 
@@ -28,13 +34,21 @@ INTRO = (f"# {TITLE}\n"
 def build_app(config: AppConfig | None = None) -> gr.Blocks:
     """The app, queued (``default_concurrency_limit`` 1 on the CPU, 2 on a GPU; ``max_size`` on the queue).
 
+    Each kind of work has its own concurrency group, so a long job never holds up a quick one: "model"
+    (images, checkpoint uploads), "long" (videos, evaluations), "convert" (in a worker process), "webcam".
+
     Nothing is loaded here: weights load on first use, so the app starts in seconds even offline.
     """
     cfg = config or AppConfig.from_env()
     store = ModelStore(cfg.weights, upload_dir=cfg.work_dir / "checkpoints", max_loaded=cfg.max_loaded_models,
-                       max_pixels=cfg.max_image_pixels, device=cfg.device)
-    ctx = Context(cfg, store, WorkDir(cfg.work_dir, cfg.keep_seconds))
-    with gr.Blocks(title=TITLE, delete_cache=(3600, cfg.keep_seconds)) as demo:
+                       max_pixels=cfg.max_image_pixels, device=cfg.device, shared_uploads=cfg.shared_uploads)
+    work = JobDirs(cfg.work_dir, cfg.keep_seconds)
+    # the app's folder, Gradio's uploads and results, and segcore's extractions of zipped labelme datasets
+    space = TempSpace([cfg.work_dir, get_upload_folder(), Path(tempfile.gettempdir()) / "segcore-labelme-*"],
+                      cfg.max_temp_bytes)
+    ctx = Context(cfg, store, work, jobs=Jobs(work, space, cfg.time_limit,
+                                                   (cfg.max_unpacked_bytes, cfg.max_unpacked_files)))
+    with gr.Blocks(title=TITLE, delete_cache=(600, cfg.keep_seconds)) as demo:
         gr.Markdown(INTRO)
         build_panel(ctx)
         with gr.Tabs():
@@ -44,14 +58,50 @@ def build_app(config: AppConfig | None = None) -> gr.Blocks:
             webcam_tab.build(ctx)
             evaluate_tab.build(ctx)
             convert_tab.build(ctx)
+        remember_uploads(ctx, demo)
     demo.queue(max_size=cfg.queue_size, default_concurrency_limit=cfg.job_concurrency())
     demo.segcore = ctx
     return demo
 
 
+def bound_image_decoding(max_pixels: int | None) -> None:
+    """Make Pillow refuse, from the header and before decoding, any image over the app's pixel cap.
+
+    Gradio decodes some inputs itself before a callback sees them (webcam frames, image uploads); Pillow
+    raises DecompressionBombError above twice its MAX_IMAGE_PIXELS, so half the cap refuses them there.
+    The app's own readers check the cap from the header as well and say so in their own words."""
+    import warnings
+
+    from PIL import Image
+
+    if max_pixels:
+        Image.MAX_IMAGE_PIXELS = max_pixels // 2
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+
+
+def fewer_malloc_arenas(arenas: int = 2) -> None:
+    """Cap glibc's malloc arenas (like ``MALLOC_ARENA_MAX``): with one arena per worker thread, memory freed
+    by one request stays in its thread's heap and the server's RSS keeps creeping up under load."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt(-8, arenas)  # M_ARENA_MAX
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
 def launch(demo: gr.Blocks, *, server_name: str | None = None, server_port: int | None = None, **kwargs):
     """``demo.launch`` with the app's upload cap, allowed folders and theme."""
     cfg: AppConfig = demo.segcore.config
-    return demo.launch(server_name=server_name, server_port=server_port, max_file_size=cfg.max_file_size,
-                       allowed_paths=[str(cfg.work_dir), str(EXAMPLES_DIR)], theme=gr.themes.Soft(), css=CSS,
-                       footer_links=["api", "gradio", "settings"], **kwargs)
+    fewer_malloc_arenas()
+    bound_image_decoding(cfg.max_image_pixels)
+    return_at_once = kwargs.pop("prevent_thread_lock", False)
+    result = demo.launch(server_name=server_name, server_port=server_port, max_file_size=cfg.max_file_size,
+                         allowed_paths=[str(cfg.work_dir), str(EXAMPLES_DIR)], theme=gr.themes.Soft(), css=CSS,
+                         footer_links=["api", "gradio", "settings"], prevent_thread_lock=True, **kwargs)
+    # the process that runs conversions starts once the server is up (not during Gradio's start-up checks)
+    warm_up()
+    if not return_at_once:
+        demo.block_thread()
+    return result

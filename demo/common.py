@@ -44,13 +44,24 @@ class AppConfig:
     max_video_frames: int | None = 3600
     max_video_pixels: int | None = 1920 * 1080
     max_file_size: str = "200mb"
-    queue_size: int = 16
+    queue_size: int = 32
+    """Requests waiting in the queue (per app) before new ones are told the queue is full."""
     concurrency: int | None = None
     """Jobs run at once per event; None: 1 on the CPU, 2 on a GPU."""
     max_loaded_models: int = 2
     work_dir: Path = field(default_factory=lambda: Path(tempfile.gettempdir()) / "segcore-app")
     keep_seconds: int = 3600
     """Result files older than this are removed when later requests come in."""
+    shared_uploads: bool = False
+    """Uploaded checkpoints visible to every visitor (a private server); off: each browser sees its own."""
+    max_temp_bytes: int | None = 10 * 1024**3
+    """Temporary space (app folder + Gradio's cache) past which new jobs get "server busy"."""
+    time_limit: int | None = 600
+    """Seconds a request may run before it is stopped with a message."""
+    max_unpacked_bytes: int = 1024**3
+    """Bytes all zips of one request may unpack to, together (annotations.ExtractionBudget)."""
+    max_unpacked_files: int = 20_000
+    """Entries all zips of one request may hold, together."""
 
     @classmethod
     def from_env(cls, **overrides) -> AppConfig:
@@ -62,8 +73,15 @@ class AppConfig:
             max_video_frames=_env_int("SEGCORE_MAX_VIDEO_FRAMES", cls.max_video_frames),
             max_video_pixels=_env_int("SEGCORE_MAX_VIDEO_PIXELS", cls.max_video_pixels),
             max_file_size=os.environ.get("SEGCORE_MAX_FILE_SIZE") or cls.max_file_size,
-            queue_size=_env_int("SEGCORE_QUEUE_SIZE", cls.queue_size) or 16,
+            queue_size=_env_int("SEGCORE_QUEUE_SIZE", cls.queue_size) or cls.queue_size,
             concurrency=_env_int("SEGCORE_CONCURRENCY", None),
+            shared_uploads=os.environ.get("SEGCORE_SHARED_UPLOADS", "").lower() in ("1", "true", "yes", "on"),
+            max_temp_bytes=_env_int("SEGCORE_MAX_TEMP_BYTES", cls.max_temp_bytes),
+            time_limit=_env_int("SEGCORE_TIME_LIMIT", cls.time_limit),
+            max_unpacked_bytes=_env_int("SEGCORE_MAX_UNPACKED_BYTES", cls.max_unpacked_bytes)
+            or cls.max_unpacked_bytes,
+            max_unpacked_files=_env_int("SEGCORE_MAX_UNPACKED_FILES", cls.max_unpacked_files)
+            or cls.max_unpacked_files,
         )
         if os.environ.get("SEGCORE_APP_DIR"):
             cfg.work_dir = Path(os.environ["SEGCORE_APP_DIR"])
@@ -173,7 +191,22 @@ def as_paths(files) -> list[Path]:
     return [Path(f if isinstance(f, (str, os.PathLike)) else f.name) for f in files if f]
 
 
-def gather_uploads(files, dest: Path) -> Path:
+def extract_upload(archive: Path, target: Path, budget: annotations.ExtractionBudget | None = None) -> Path:
+    """Every zip the app's tabs extract goes through here, drawing on one budget per request: all zips of
+    the request together may unpack to so many bytes and files (a fresh default budget outside a job)."""
+    return annotations.safe_extract_zip(archive, target, budget=budget or request_budget())
+
+
+def request_budget() -> annotations.ExtractionBudget:
+    """The running job's extraction budget (see :class:`demo.jobs.Job`); a fresh default one outside a job."""
+    from .jobs import current_job
+
+    job = current_job()
+    return job.budget if job is not None else annotations.ExtractionBudget(AppConfig.max_unpacked_bytes,
+                                                                           AppConfig.max_unpacked_files)
+
+
+def gather_uploads(files, dest: Path, budget: annotations.ExtractionBudget | None = None) -> Path:
     """Put uploaded files (loose files and/or zips) into one folder, as a dataset reader expects.
 
     Loose files go side by side under their own names (labelme's imagePath then finds images that
@@ -184,13 +217,21 @@ def gather_uploads(files, dest: Path) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     for p in paths:
         if p.suffix.lower() == ".zip":
-            annotations.safe_extract_zip(p, dest / p.stem if len(paths) > 1 else dest)
+            extract_upload(p, dest / p.stem if len(paths) > 1 else dest, budget)
         else:
             shutil.copyfile(p, dest / p.name)
     entries = [e for e in dest.iterdir() if not e.name.startswith(".") and e.name != "__MACOSX"]
     if len(entries) == 1 and entries[0].is_dir():
         return entries[0]
     return dest
+
+
+def write_png(rgb, path: Path) -> str:
+    """An image array as a PNG file, written once (a path to return instead of an array)."""
+    from PIL import Image
+
+    Image.fromarray(rgb).save(path)
+    return str(path)
 
 
 def zip_folder(folder: Path, archive: Path) -> Path:

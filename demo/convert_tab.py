@@ -4,11 +4,29 @@ from __future__ import annotations
 
 import json
 
+from pathlib import Path
+
 import gradio as gr
 
 import annotations
 
 from .common import UserError, as_paths, gather_uploads, readable, require, user_errors, zip_folder
+from .isolation import run_isolated
+from .jobs import current_job
+
+
+def convert_uploads(paths: list[Path], job: Path, space, map_file, unknown, instances, budget, max_pixels,
+                    progress=None):
+    """The whole conversion (extract, rasterise, zip), run in a worker process: returns (report, zip or None).
+
+    ``budget`` bounds what all the request's zips unpack to; ``max_pixels`` every image's size."""
+    # a single zip goes in as it is: the report then names files relative to the zip
+    source = paths[0] if len(paths) == 1 and paths[0].suffix.lower() == ".zip" \
+        else gather_uploads(paths, job / "input", budget)
+    out = job / "dataset"
+    report = annotations.convert_folder(source, out, space, mapping=map_file, unknown=unknown, instances=instances,
+                                        workers=1, progress=progress, budget=budget, max_pixels=max_pixels)
+    return report, (zip_folder(out, job / "dataset.zip") if report.converted else None)
 
 
 def build(ctx) -> None:
@@ -35,6 +53,7 @@ def build(ctx) -> None:
         details = gr.JSON(label="report.json", open=False)
 
     # None defaults: the optional files are optional for API clients too (Gradio reads the signature)
+    @ctx.jobs.scoped
     def convert(labelme_files, label_space="voc", unknown_labels="error", labels_file=None, mapping_file=None,
                 instances=False, progress=gr.Progress()):
         require(as_paths(labelme_files), "Upload labelme files (.json with their images) or a .zip first.")
@@ -45,15 +64,12 @@ def build(ctx) -> None:
         def on_progress(done, total):
             progress((done, total), desc="Converting", unit="files")
 
+        limits = current_job()  # @ctx.jobs.scoped: the time limit kills the worker process
         with user_errors():
-            paths = as_paths(labelme_files)
-            # a single zip goes in as it is: the report then names files relative to the zip
-            source = paths[0] if len(paths) == 1 and paths[0].suffix.lower() == ".zip" \
-                else gather_uploads(paths, job / "input")
-            out = job / "dataset"
-            report = annotations.convert_folder(source, out, space, mapping=map_file,
-                                                unknown=unknown_labels or "error", instances=bool(instances),
-                                                workers=1, progress=on_progress)
+            report, archive = run_isolated(
+                convert_uploads, as_paths(labelme_files), job, space, map_file, unknown_labels or "error",
+                bool(instances), limits.budget, ctx.config.max_image_pixels, timeout=limits.seconds_left(),
+                on_progress=on_progress, on_timeout=limits.timeout_error())
         text = readable(report.summary())
         warnings = [f"warning {w['file']}{' shape ' + str(w['shape']) if w.get('shape') is not None else ''}: "
                     f"{w['reason']}" for w in report.warnings]
@@ -63,7 +79,6 @@ def build(ctx) -> None:
                 text += f"\n... and {len(warnings) - 200} more warnings (see report.json)"
         if not report.converted:
             raise UserError("Nothing was converted.\n" + text, duration=None)
-        archive = zip_folder(out, job / "dataset.zip")
         return str(archive), text, json.loads(readable(json.dumps(report.to_dict())))
 
     run.click(convert, [files, space, unknown, labels, mapping, instances], [dataset, summary, details],

@@ -11,7 +11,7 @@ import annotations
 import segcore
 from segcore import evaluation_advice
 
-from .common import as_paths, gather_uploads, pct, readable, require, user_errors, zip_folder
+from .common import as_paths, gather_uploads, pct, readable, request_budget, require, user_errors, zip_folder
 from .panel import Context, model_for, refresh_status
 
 MODEL_MODE = "Model on labelme annotations"
@@ -135,15 +135,15 @@ def build(ctx: Context) -> None:
                 gr.File(visible=masks), gr.File(visible=not masks))
 
     mode.change(switch, mode, [files, predictions, mapping], api_visibility="private", queue=False)
-    compare_models.focus(lambda: gr.Dropdown(choices=ctx.store.choices()), None, compare_models,
+    compare_models.focus(lambda: gr.Dropdown(choices=ctx.store.choices(ctx.owners.owner())), None, compare_models,
                          api_visibility="private", queue=False)
 
     # None defaults make the optional inputs optional for API clients (Gradio reads the signature); the
     # others default to their component's value there
+    @ctx.jobs.scoped
     def evaluate(mode_name, annotation_files, prediction_files=None, mapping_file=None, label_space="model",
                  labels_file=None, unknown_labels="error", weights=None, multiscale=False, crf=False, test_size=513,
-                 protocol_name=None,
-                 progress=gr.Progress(track_tqdm=True)):
+                 protocol_name=None, progress=gr.Progress(track_tqdm=True)):
         masks = mode_name == MASKS_MODE
         require(as_paths(annotation_files), "Upload ground-truth masks first." if masks else
                 "Upload labelme files (.json with their images) or a .zip first.")
@@ -155,7 +155,8 @@ def build(ctx: Context) -> None:
                 gt = gather_uploads(annotation_files, job / "ground_truth")
                 pred = gather_uploads(prediction_files, job / "predictions")
                 space = resolve_space(label_space if label_space != "model" else "voc", labels_file, None)
-                dataset = segcore.open_dataset(gt, "masks", predictions=pred, label_space=space)
+                dataset = segcore.open_dataset(gt, "masks", predictions=pred, label_space=space,
+                                               max_pixels=ctx.config.max_image_pixels)
             else:
                 seg = model_for(ctx, weights, multiscale, crf, test_size, progress)
                 space = resolve_space(label_space, labels_file, seg)
@@ -165,7 +166,9 @@ def build(ctx: Context) -> None:
                     else gather_uploads(paths, job / "annotations")
                 map_file = str(as_paths(mapping_file)[0]) if as_paths(mapping_file) else None
                 dataset = segcore.open_dataset(source, "labelme", label_space=space, mapping=map_file,
-                                               unknown=unknown_labels or "error")
+                                               unknown=unknown_labels or "error", budget=request_budget(),
+                                               max_pixels=ctx.config.max_image_pixels)
+                ctx.jobs.screen(dataset)  # a file that holds the interpreter is stopped in a separate process
             progress(0.0, desc="Evaluating")
             out = job / "report"
             result = segcore.evaluate(seg, dataset, protocol=protocol_name or None, out_dir=out, progress=True,
@@ -189,9 +192,10 @@ def build(ctx: Context) -> None:
     event = run.click(evaluate, [mode, files, predictions, mapping, space, labels, unknown, *ctx.model_inputs(),
                                  protocol],
               [summary, scores, report, bars, confusion, per_image, gallery, issues], api_name="evaluate",
-              concurrency_id="model")
+              concurrency_id="long")
     refresh_status(ctx, event)
 
+    @ctx.jobs.scoped
     def compare(annotation_files, mapping_file=None, label_space="model", labels_file=None, unknown_labels="error",
                 models=None, multiscale=False, crf=False, test_size=513, protocol_name=None,
                 progress=gr.Progress(track_tqdm=True)):
@@ -209,7 +213,9 @@ def build(ctx: Context) -> None:
                 else gather_uploads(paths, job / "annotations")
             map_file = str(as_paths(mapping_file)[0]) if as_paths(mapping_file) else None
             dataset = segcore.open_dataset(source, "labelme", label_space=space, mapping=map_file,
-                                           unknown=unknown_labels or "error")
+                                           unknown=unknown_labels or "error", budget=request_budget(),
+                                           max_pixels=ctx.config.max_image_pixels)
+            ctx.jobs.screen(dataset)  # a file that holds the interpreter is stopped in a separate process
             progress(0.0, desc="Comparing")
             out = job / "comparison"
             result = compare_models_on(segs, dataset, labels=models, protocol=protocol_name or None, out_dir=out,
@@ -232,5 +238,5 @@ def build(ctx: Context) -> None:
         compare, [files, mapping, space, labels, unknown, compare_models, ctx.multiscale, ctx.crf, ctx.test_size,
                   protocol],
         [compare_summary, compare_table, compare_report, compare_bars, compare_scatter, compare_gallery],
-        api_name="compare", concurrency_id="model")
+        api_name="compare", concurrency_id="long")
     refresh_status(ctx, compare_event)

@@ -9,7 +9,7 @@ import gradio as gr
 import segcore
 from segcore.prelabel import LabelmeWriter, dumps
 
-from .common import EXAMPLES_DIR, UserError, legend_html, safe_stem, user_errors
+from .common import EXAMPLES_DIR, UserError, legend_html, safe_stem, user_errors, write_png
 from .panel import Context, model_for, refresh_status
 
 
@@ -77,6 +77,7 @@ def build(ctx: Context) -> None:
         if cfg.max_image_pixels:
             gr.Markdown(f"Images up to {cfg.max_image_pixels / 1e6:g} megapixels.", elem_classes="limits")
 
+    @ctx.jobs.scoped
     def segment_image(image, weights, multiscale, crf, test_size, opacity, progress=gr.Progress()):
         if not image:
             raise UserError("Upload, paste or pick an example image first.")
@@ -92,7 +93,10 @@ def build(ctx: Context) -> None:
         pred.save(out)
         json_path = labelme_json(job, name, pred, weights or ctx.store.default)
         legend_markup = legend_html(pred.class_fractions(), pred.class_names, pred.palette)
-        return over, pred.colorize(), legend_markup, str(out), str(json_path)
+        # files written once in this job's own folder: Gradio would otherwise rewrite a shared cache file
+        # (named by content) in place while another client may be downloading it
+        return write_png(over, job / "overlay.png"), write_png(pred.colorize(), job / "label_map.png"), \
+            legend_markup, str(out), str(json_path)
 
     event = run.click(segment_image, [image, *ctx.model_inputs(), ctx.opacity],
                       [overlay, colour, legend, mask, polygons],

@@ -3,6 +3,11 @@
 A small LRU cache keyed by the weights' name holds loaded :class:`segcore.Segmenter` objects; a lock
 makes sure two requests never load the same file twice. Each request gets a light
 ``with_options`` copy (scales, CRF, test size) that shares the loaded model.
+
+Uploaded checkpoints are stored by content digest (``<upload_dir>/<sha256>/<file name>``) and belong to
+the owners (browser or API session, see :mod:`demo.sessions`) that uploaded them: nobody else can list
+or select them unless the server runs with ``shared_uploads``. Registry names and the server's own
+``--weights`` file are public.
 """
 
 from __future__ import annotations
@@ -16,8 +21,11 @@ from pathlib import Path
 
 import segcore
 from segcore.model import DEFAULT_SCALES
+from segcore.report import sha256_file
 
 UPLOAD_SUFFIX = " (uploaded)"
+MAX_UPLOADS_PER_OWNER = 5
+"""An owner's sixth upload drops their oldest (deleted from disk when nobody else uploaded it too)."""
 
 
 @dataclass(frozen=True)
@@ -39,8 +47,13 @@ class ModelStore:
     """Registry names plus checkpoint files, loaded on first use and kept (``max_loaded`` at most)."""
 
     def __init__(self, default: str = "voc12", *, upload_dir: Path, max_loaded: int = 2,
-                 max_pixels: int | None = None, device: str = "auto"):
+                 max_pixels: int | None = None, device: str = "auto", shared_uploads: bool = False):
         self.upload_dir = Path(upload_dir)
+        self.shared_uploads = bool(shared_uploads)
+        self._owners: dict[str, set[str]] = {}
+        """Upload menu name -> the owners who uploaded it (names not in here are public)."""
+        self._by_owner: dict[str, list[str]] = {}
+        """Owner -> their uploads, oldest first."""
         self.max_loaded = max(1, int(max_loaded))
         self.max_pixels = max_pixels
         self.device = device
@@ -62,21 +75,29 @@ class ModelStore:
             self._loaded.pop(name, None)
         return name
 
-    def choices(self) -> list[str]:
-        return list(self._sources)
-
-    def source(self, name: str) -> WeightsSource:
+    def visible(self, name: str, owner: str | None) -> bool:
+        """Whether ``owner`` may list and use ``name``: public weights, the owner's uploads, or all when shared."""
         if name not in self._sources:
-            raise segcore.CheckpointError(f"unknown weights {name!r}: choose one of {', '.join(self._sources)} "
+            return False
+        owners = self._owners.get(name)
+        return owners is None or self.shared_uploads or (owner is not None and owner in owners)
+
+    def choices(self, owner: str | None = None) -> list[str]:
+        """The menu for ``owner``: public weights plus their own uploads (everyone's with ``shared_uploads``)."""
+        return [n for n in list(self._sources) if self.visible(n, owner)]
+
+    def source(self, name: str, owner: str | None = None) -> WeightsSource:
+        if not self.visible(name, owner):  # someone else's upload reads exactly like a name that does not exist
+            raise segcore.CheckpointError(f"unknown weights {name!r}: choose one of {', '.join(self.choices(owner))} "
                                           "or upload a checkpoint (.pth / .safetensors)")
         return self._sources[name]
 
     def is_loaded(self, name: str) -> bool:
         return name in self._loaded
 
-    def missing(self, name: str) -> str | None:
+    def missing(self, name: str, owner: str | None = None) -> str | None:
         """Why ``name`` cannot be used without a download or a file, and how to fix that; None if ready."""
-        src = self._sources.get(name)
+        src = self._sources.get(name) if self.visible(name, owner) else None
         if src is None:
             return f"Unknown weights `{name}`."
         if name in self._loaded:
@@ -97,12 +118,12 @@ class ModelStore:
 
     # -- loading ----------------------------------------------------------------------------------
 
-    def get(self, name: str, progress=None) -> segcore.Segmenter:
+    def get(self, name: str, progress=None, owner: str | None = None) -> segcore.Segmenter:
         """The loaded model for ``name`` (downloaded and loaded on first use, under a lock)."""
+        src = self.source(name, owner)
         seg = self._loaded.get(name)
         if seg is not None:
             return seg
-        src = self.source(name)
         with self._lock:
             seg = self._loaded.get(name)
             if seg is None:
@@ -121,34 +142,76 @@ class ModelStore:
         return seg
 
     def segmenter(self, name: str, *, multiscale: bool = True, crf: bool = False, test_size: int = 513,
-                  progress=None) -> segcore.Segmenter:
+                  progress=None, owner: str | None = None) -> segcore.Segmenter:
         """A Segmenter with this request's options, sharing the cached model."""
-        base = self.get(name, progress)
+        base = self.get(name, progress, owner)
         return base.with_options(scales=DEFAULT_SCALES if multiscale else (), crf=bool(crf),
                                  test_size=int(test_size))
 
-    def upload(self, path: str | Path, label_space: str | None = None) -> tuple[str, segcore.Segmenter]:
-        """Keep an uploaded checkpoint, load it (which validates it) and add it to the menu."""
+    def upload(self, path: str | Path, label_space: str | None = None, owner: str | None = None
+               ) -> tuple[str, segcore.Segmenter]:
+        """Keep an uploaded checkpoint under its content digest, load it (which validates it), give it to ``owner``.
+
+        The menu name carries the digest, so two files called ``final.pth`` never replace each other; the
+        same file uploaded by two owners is stored once and belongs to both. A file that does not load is
+        deleted at once, with the copy Gradio received.
+        """
         path = Path(path)
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
-        digest = h.hexdigest()[:12]
-        self.upload_dir.mkdir(parents=True, exist_ok=True)
-        kept = self.upload_dir / f"{digest}_{path.name}"
-        if not kept.exists():
-            shutil.copyfile(path, kept)
-        if label_space and Path(label_space).is_file():
-            labels = self.upload_dir / f"{digest}_{Path(label_space).name}"
-            shutil.copyfile(label_space, labels)
-            label_space = str(labels)
-        seg = segcore.Segmenter.from_pretrained(kept, label_space=label_space, device=self.device,
-                                                max_pixels=self.max_pixels)
-        name = self.add(str(kept), label_space, display=path.name + UPLOAD_SUFFIX)
+        digest = sha256_file(path)
+        folder = self.upload_dir / digest
+        labels_digest = ""
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            kept = folder / ("checkpoint" + path.suffix.lower())
+            if not kept.exists():
+                staging = folder / f".{kept.name}.{threading.get_ident()}"
+                shutil.copyfile(path, staging)
+                staging.replace(kept)  # written once, under its final name only when complete
+            if label_space and Path(label_space).is_file():
+                labels_digest = sha256_file(label_space)
+                labels = folder / f"labels-{labels_digest[:16]}.txt"
+                if not labels.exists():
+                    shutil.copyfile(label_space, labels)
+                label_space = str(labels)
+            key = hashlib.sha256(f"{digest}|{labels_digest or label_space or ''}".encode()).hexdigest()[:8]
+            name = f"{path.name} ({key}){UPLOAD_SUFFIX}"
+            with self._lock:
+                seg = self._loaded.get(name)
+            if seg is None:
+                seg = segcore.Segmenter.from_pretrained(kept, label_space=label_space, device=self.device,
+                                                        max_pixels=self.max_pixels)
+        except Exception:
+            if not any(n for n, s in self._sources.items() if Path(s.target).parent == folder):
+                shutil.rmtree(folder, ignore_errors=True)  # refused, and nobody else's file: gone now
+            path.unlink(missing_ok=True)
+            raise
+        self._sources[name] = WeightsSource(name, str(kept), label_space)
+        self._remember(name, owner or "")
         seg.name = name
         with self._lock:
             self._loaded[name] = seg
+            self._loaded.move_to_end(name)
             while len(self._loaded) > self.max_loaded:
                 self._loaded.popitem(last=False)
         return name, seg
+
+    def _remember(self, name: str, owner: str) -> None:
+        """Give ``name`` to ``owner``; past their quota, forget their oldest upload."""
+        with self._lock:
+            self._owners.setdefault(name, set()).add(owner)
+            mine = [n for n in self._by_owner.get(owner, []) if n != name] + [name]
+            while len(mine) > MAX_UPLOADS_PER_OWNER:
+                self._forget(mine.pop(0), owner)
+            self._by_owner[owner] = mine
+
+    def _forget(self, name: str, owner: str) -> None:
+        owners = self._owners.get(name, set())
+        owners.discard(owner)
+        if owners:
+            return
+        src = self._sources.pop(name)
+        self._owners.pop(name, None)
+        self._loaded.pop(name, None)
+        folder = Path(src.target).parent
+        if not any(Path(s.target).parent == folder for s in self._sources.values()):
+            shutil.rmtree(folder, ignore_errors=True)

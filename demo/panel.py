@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import gradio as gr
@@ -10,7 +10,9 @@ import gradio as gr
 import segcore
 
 from .common import USER_ERRORS, AppConfig, UserError, WorkDir, as_paths, readable, user_errors
+from .jobs import Jobs
 from .models import ModelStore
+from .sessions import Owners
 
 LABEL_CHOICES = ["auto", "voc", "cocostuff"]
 
@@ -28,18 +30,23 @@ class Context:
     test_size: gr.Slider | None = None
     opacity: gr.Slider | None = None
     status: gr.Markdown | None = None
+    owners: Owners = field(default_factory=Owners)
+    """Whose uploads a request may see (per browser token, else per API session)."""
+    remembered: gr.BrowserState | None = None
+    jobs: Jobs | None = None
+    """Wraps each event into a job (temp-space cap, time limit, folder clean-up): ``@ctx.jobs.scoped``."""
 
     def model_inputs(self) -> list:
         return [self.weights, self.multiscale, self.crf, self.test_size]
 
 
-def status_text(store: ModelStore, name: str | None) -> str:
+def status_text(store: ModelStore, name: str | None, owner: str | None = None) -> str:
     name = name or store.default
-    problem = store.missing(name)
+    problem = store.missing(name, owner)
     if problem:
         return f"**Weights missing.** {problem}"
     if store.is_loaded(name):
-        seg = store.get(name)
+        seg = store.get(name, owner=owner)
         return f"**Ready:** `{name}` is loaded, {seg.n_classes} classes, {seg.device}, {seg.precision}."
     return f"**Ready:** `{name}` loads on first use (a few seconds), then stays loaded for every request."
 
@@ -59,18 +66,24 @@ def build_panel(ctx: Context) -> None:
                                       info="long side the image is resized to (px)")
             ctx.opacity = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Overlay opacity",
                                     info="0: the photo, 1: the class colours")
-        with gr.Accordion("Upload a checkpoint (.pth / .safetensors, e.g. one trained with train/)", open=False):
+        with gr.Accordion("Upload a checkpoint (.pth / .safetensors, e.g. one trained with train/)", open=False,
+                          elem_id="upload-accordion"):
             with gr.Row():
-                ckpt = gr.File(label="Checkpoint", file_types=[".pth", ".safetensors", ".pt"], scale=2)
+                ckpt = gr.File(label="Checkpoint", file_types=[".pth", ".safetensors", ".pt"], scale=2,
+                               elem_id="checkpoint-file")
                 space = gr.Dropdown(LABEL_CHOICES, value="auto", label="Label set",
                                     info="auto: the checkpoint's own names, else 21 = VOC, 182 = COCO-Stuff")
                 labels = gr.File(label="labels.txt (overrides the label set)", file_types=[".txt"])
-            upload = gr.Button("Use this checkpoint")
+            upload = gr.Button("Use this checkpoint", elem_id="upload-checkpoint")
             uploaded = gr.Textbox(visible=False, label="Weights name")
+    # this browser's owner token, kept in its localStorage: its uploads survive a page reload
+    ctx.remembered = gr.BrowserState(None, storage_key="segcore-owner")
 
-    ctx.weights.change(lambda name: status_text(store, name), ctx.weights, ctx.status, api_visibility="private",
+    ctx.weights.change(lambda name: status_text(store, name, ctx.owners.owner()), ctx.weights, ctx.status,
+                       api_visibility="private",
                        queue=False)
 
+    @ctx.jobs.scoped
     def upload_checkpoint(file, label_set, labels_file, progress=gr.Progress()):
         paths = as_paths(file)
         if not paths:
@@ -79,7 +92,7 @@ def build_panel(ctx: Context) -> None:
             None if label_set in (None, "", "auto") else label_set)
         progress(0.1, desc="Checking and loading the checkpoint")
         with user_errors(Path(paths[0]).name):
-            name, seg = store.upload(paths[0], label_space)
+            name, seg = store.upload(paths[0], label_space, owner=ctx.owners.owner())
         message = (f"**Ready:** `{name}` is loaded, {seg.n_classes} classes "
                    f"({', '.join(seg.class_names[:6])}{', …' if seg.n_classes > 6 else ''}).")
         return name, message
@@ -87,13 +100,14 @@ def build_panel(ctx: Context) -> None:
     # the API answers with the plain name; the menu is refreshed by a second, private step
     upload.click(upload_checkpoint, [ckpt, space, labels], [uploaded, ctx.status], api_name="upload_checkpoint",
                  concurrency_id="model").success(
-        lambda name: gr.Dropdown(choices=store.choices(), value=name), uploaded, ctx.weights,
+        lambda name: gr.Dropdown(choices=store.choices(ctx.owners.owner()), value=name), uploaded, ctx.weights,
         api_visibility="private", queue=False)
 
 
 def refresh_status(ctx: Context, event) -> None:
     """After a job, show what is loaded now (a private step: not part of the API)."""
-    event.then(lambda name: status_text(ctx.store, name), ctx.weights, ctx.status, api_visibility="private",
+    event.then(lambda name: status_text(ctx.store, name, ctx.owners.owner()), ctx.weights, ctx.status,
+               api_visibility="private",
                queue=False)
 
 
@@ -101,9 +115,30 @@ def model_for(ctx: Context, weights, multiscale, crf, test_size, progress=None) 
     """The request's Segmenter; a failed download or a bad file becomes a readable gr.Error."""
     try:
         return ctx.store.segmenter(weights or ctx.store.default, multiscale=bool(multiscale), crf=bool(crf),
-                                   test_size=int(test_size or 513), progress=progress)
+                                   test_size=int(test_size or 513), progress=progress, owner=ctx.owners.owner())
     except segcore.DownloadError as exc:
         raise UserError(f"The {weights} weights are not available: {readable(str(exc))}. "
                        "Or upload a checkpoint under Model ▸ Upload a checkpoint.", duration=None) from exc
     except USER_ERRORS as exc:
         raise UserError(f"weights {weights}: {readable(str(exc))}", duration=None) from exc
+
+
+def remember_uploads(ctx: Context, demo: gr.Blocks) -> None:
+    """On page load, tie the page's session to its browser's owner token and list that browser's uploads.
+
+    Private steps (not in the API); the token never leaves that browser and this server.
+    """
+
+    def restore(remembered, weights, request: gr.Request):
+        token = ctx.owners.adopt(request, remembered)
+        choices = ctx.store.choices(token)
+        value = weights if weights in choices else ctx.store.default
+        return {"owner": token}, gr.Dropdown(choices=choices, value=value)
+
+    demo.load(restore, [ctx.remembered, ctx.weights], [ctx.remembered, ctx.weights], api_visibility="private",
+              queue=False)
+
+    def forget(request: gr.Request):
+        ctx.owners.forget(request)
+
+    demo.unload(forget)

@@ -44,7 +44,9 @@ def build(ctx: Context) -> None:
                 table = gr.Dataframe(headers=["image", "round trip (% of pixels)"], label="Per image",
                                      elem_id="prelabel-table", interactive=False)
 
-    def prelabel(zip_file, weights, multiscale, crf, test_size, tolerance, min_area, progress=gr.Progress()):
+    @ctx.jobs.scoped
+    def prelabel(zip_file, weights=None, multiscale=False, crf=False, test_size=513, tolerance=DEFAULT_TOLERANCE,
+                 min_area=DEFAULT_MIN_AREA, progress=gr.Progress()):
         paths = as_paths(zip_file)
         if not paths or paths[0].suffix.lower() != ".zip":
             raise UserError("Upload a .zip of images first.")

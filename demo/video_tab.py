@@ -76,6 +76,7 @@ def build(ctx: Context) -> None:
                                   height=320)
                 info = gr.Markdown(elem_id="video-info")
 
+    @ctx.jobs.scoped
     def segment_video(video, weights, multiscale, crf, test_size, opacity, frame_stride, smooth,
                       request: gr.Request, progress=gr.Progress()):
         if not video:
@@ -114,7 +115,7 @@ def build(ctx: Context) -> None:
             gr.Info("Cancelling after the current frames…")
 
     event = run.click(segment_video, [video, *ctx.model_inputs(), ctx.opacity, stride, smoothing], [result, info],
-              api_name="segment_video", concurrency_id="model")
+              api_name="segment_video", concurrency_id="long")
     refresh_status(ctx, event)
     stop.click(cancel, None, None, api_name="cancel_video", concurrency_limit=None, concurrency_id="cancel",
                queue=False)

@@ -11,6 +11,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -43,6 +44,13 @@ def free_port() -> int:
 @contextlib.contextmanager
 def running_app(workdir: Path, weights, **env_extra):
     """Start ``python app.py`` on 127.0.0.1 and a free port; yield its URL once it answers."""
+    with running_server(workdir, weights, **env_extra) as (url, _):
+        yield url
+
+
+@contextlib.contextmanager
+def running_server(workdir: Path, weights, *args, **env_extra):
+    """:func:`running_app` that also yields the server's process (``(url, proc)``); ``args`` go to app.py."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     env = {**os.environ, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
@@ -52,7 +60,7 @@ def running_app(workdir: Path, weights, **env_extra):
            **{k: str(v) for k, v in env_extra.items()}}
     log = workdir / "server.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, str(REPO / "app.py")], cwd=REPO, env=env, stdout=out,
+        proc = subprocess.Popen([sys.executable, str(REPO / "app.py"), *args], cwd=REPO, env=env, stdout=out,
                                 stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     try:
@@ -62,14 +70,15 @@ def running_app(workdir: Path, weights, **env_extra):
                 raise RuntimeError(f"the app exited with {proc.returncode}:\n{log.read_text()}")
             try:
                 with urllib.request.urlopen(url, timeout=2) as r:
-                    if r.status == 200:
+                    # and Gradio's own check of the URL is over: it ends launch() when slow (a busy machine)
+                    if r.status == 200 and b"To create a public link" in log.read_bytes():
                         break
             except OSError:
                 pass
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the app did not answer within 180 s:\n{log.read_text()}")
             time.sleep(0.3)
-        yield url
+        yield url, proc
     finally:
         proc.terminate()
         try:
@@ -185,7 +194,7 @@ def test_checkpoint_upload(client, tmp_path):
 
     good = tiny_checkpoint(tmp_path / "mine.safetensors", seed=5, meta={"class_names": [f"c{i}" for i in range(21)]})
     weights, status = call(client, "/upload_checkpoint", handle_file(str(good)), "auto", None)
-    assert weights == "mine.safetensors (uploaded)" and "21 classes" in status
+    assert re.fullmatch(r"mine\.safetensors \([0-9a-f]{8}\) \(uploaded\)", weights) and "21 classes" in status
     src = tmp_path / "x.png"
     Image.fromarray(scene_image(40, 48, seed=1)).save(src)
     _, _, legend, _, _ = call(client, "/segment_image", handle_file(str(src)), weights, False, False, TEST_SIZE, 0.5)

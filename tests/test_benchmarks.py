@@ -32,6 +32,12 @@ def test_quick_suite_writes_every_result(tmp_path):
     video = records["video"]["result"]
     assert 0 <= video["throughput"]["outside_model_share"] < 1
     assert video["memory"]["long_frames"] > video["memory"]["short_frames"]
+    serve = records["serve"]["result"]
+    assert serve["load"]["failures"] == 0 and serve["load"]["requests"] == 40
+    assert sorted(serve["load"]["rss_mib_after"]) == ["20", "40"]
+    abuse = serve["abuse"]
+    assert abuse["hostile_answer"] == "finished" or abuse["hostile_answer"].startswith("Stopped")
+    assert abuse["hostile_seconds"] < abuse["time_limit_s"] + 30 and abuse["other_requests"] > 0
 
 
 def test_int8_agreement_script_reports_both_recipes():
