@@ -184,9 +184,15 @@ def comparison_figures(comparison: ComparisonResult):
         values = [100 * r.scores["class_iou"][i] for i in range(len(names)) if present[i]]
         bars.add_trace(go.Bar(x=shown, y=values, name=label, marker_color=colours[k % len(colours)]))
     absent = [n for n, p in zip(names, present) if not p]
-    bars.update_layout(title="Per-class IoU (%) by model" + (f"; absent from the ground truth: {len(absent)} classes"
+    if absent:  # after the present classes, a grey marker instead of a 0 bar, as in the single-model chart
+        bars.add_trace(go.Scatter(x=absent, y=[0.0] * len(absent), mode="markers+text", text=["absent"] * len(absent),
+                                  textposition="top center", marker={"color": "#bbbbbb", "symbol": "x"},
+                                  name="absent (no ground-truth pixels)",
+                                  hovertemplate="<b>%{x}</b><br>absent: no ground-truth pixels<extra></extra>"))
+    bars.update_layout(title="Per-class IoU (%) by model" + (f"; {len(absent)} classes absent from the ground truth"
                                                               if absent else ""),
-                       barmode="group", yaxis_title="IoU %", height=420, legend_title="model")
+                       barmode="group", yaxis_title="IoU %", height=420, legend_title="model",
+                       xaxis={"categoryorder": "array", "categoryarray": shown + absent})
     a, b = comparison.results[0], comparison.results[1]
     miou_b = {idx: row["mean_iou"] for idx, row in zip(b.image_indices, b.per_image)}
     pts = [(row["image"], 100 * row["mean_iou"], 100 * miou_b[idx]) for idx, row in zip(a.image_indices, a.per_image)

@@ -169,3 +169,22 @@ def test_torchrun_compare_gives_the_same_comparison(tmp_path, voc, ckpts):
         assert model["options"].pop("processes") == 2
     assert one == two
     assert (tmp_path / "one/per_image.csv").read_text() == (tmp_path / "two/per_image.csv").read_text()
+
+
+def test_grouped_bars_show_each_model_and_mark_absent_classes(tmp_path, voc, ckpts):
+    from segcore import Segmenter, open_dataset
+    from segcore.compare import compare, comparison_figures
+
+    segs = [Segmenter.from_pretrained(ckpts[k], scales=(), device="cpu", precision="fp32") for k in "ab"]
+    result = compare(segs, open_dataset(voc, "voc"), labels=["a", "b"], progress=False)
+    bars, _ = comparison_figures(result)
+    names = list(result.results[0].class_names)
+    gt_classes = {names[i] for i in range(len(names)) if any(r.scores["present"][i] for r in result.results)}
+    model_traces = [t for t in bars.data if t.type == "bar"]
+    assert [t.name for t in model_traces] == ["a", "b"] and all(set(t.x) == gt_classes for t in model_traces)
+    for trace, r in zip(model_traces, result.results):  # the bars are each model's own IoU, in percent
+        iou = dict(zip(trace.x, trace.y))
+        assert all(iou[n] == pytest.approx(100 * r.scores["class_iou"][names.index(n)]) for n in gt_classes)
+    (absent,) = [t for t in bars.data if t.type == "scatter"]
+    assert set(absent.x) == set(names) - gt_classes and set(absent.text) == {"absent"}
+    assert 0 < len(absent.x) < len(names)  # the generated set leaves some VOC classes out
