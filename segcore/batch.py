@@ -434,9 +434,9 @@ def predict_files(segmenter, inputs, out, formats=("png",), *, progress: bool = 
     """Segment the images in ``inputs`` (files, folders, zips, or an open :class:`Inputs`) into ``out`` in
     ``formats`` (see :class:`BatchPredictor` for ``options``). Under torchrun, call it in every process: each
     takes its share and the result returned on every rank covers all of them."""
-    from .evaluate import _dist_state, _gather
+    from .distributed import gather_objects, rank_and_world
 
-    rank, world = _dist_state()
+    rank, world = rank_and_world()
     predictor = BatchPredictor(segmenter, out, formats, **options)
     found = inputs if isinstance(inputs, Inputs) else Inputs(inputs, max_zip_bytes=max_zip_bytes,
                                                              max_zip_files=max_zip_files, workdir=workdir)
@@ -453,7 +453,7 @@ def predict_files(segmenter, inputs, out, formats=("png",), *, progress: bool = 
         if rank == 0:
             result.failed.update(found.failed)
         merged = BatchResult()
-        for part in _gather(result, world):
+        for part in gather_objects(result, world):
             merged.merge(part)
     return merged
 

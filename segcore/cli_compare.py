@@ -22,7 +22,8 @@ def run(args) -> int:
     from .cli_evaluate import _label_space_for, model_from_args, protocol_from_args
     from .compare import compare, format_comparison_table
     from .datasets import open_dataset
-    from .evaluate import EvaluationError, init_distributed
+    from .distributed import init_distributed
+    from .evaluate import EvaluationError
 
     if args.format == "masks" or args.pred is not None:
         raise EvaluationError("compare runs models; stored prediction masks are scored with evaluate --format masks")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .errors import LabelCountError
+
 FORMAT_CHOICES = ("auto", "labelme", "voc", "cocostuff10k", "cocostuff164k", "masks")
 
 
@@ -77,16 +79,17 @@ def model_from_args(args, weights=None):
     args.weights = weights or args.weights
     try:
         return segmenter_from_args(args)
-    except ValueError as exc:
-        if args.labels is None or "classes, the checkpoint" not in str(exc):
+    except LabelCountError:
+        if args.labels is None:
             raise
-        args.labels = None
+        args.labels = None  # --labels is the evaluation's label space; the checkpoint keeps its own
         return segmenter_from_args(args)
 
 
 def run(args) -> int:
     from .datasets import open_dataset
-    from .evaluate import EvaluationError, evaluate, init_distributed
+    from .distributed import init_distributed
+    from .evaluate import EvaluationError, evaluate
     from .bootstrap import interval_line
     from .evaluation_advice import raise_if_nothing_evaluated
     from .protocol import published_lines, protocol_line

@@ -54,7 +54,7 @@ def run(args) -> int:
 
     from .batch import PredictError, StopFlag, predict_files
     from .cli import segmenter_from_args
-    from .evaluate import init_distributed
+    from .distributed import init_distributed
     from .prelabel import read_name_map
 
     if args.no_copy_image and any(p.suffix.lower() == ".zip" for p in args.inputs) and "labelme" in args.formats:

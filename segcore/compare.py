@@ -84,7 +84,7 @@ def compare(segmenters, dataset, *, labels=None, protocol=None, pred_maps=None, 
             progress: bool = True, options: dict | None = None, distributed: bool = True, seed: int = 0,
             disagreements: int = DISAGREEMENT_COUNT) -> ComparisonResult:
     """Score every model on ``dataset`` in one pass and compare each with the first (see module doc)."""
-    from .evaluate import _dist_state
+    from .distributed import rank_and_world
 
     segmenters = list(segmenters)
     if len(segmenters) < 2:
@@ -93,7 +93,7 @@ def compare(segmenters, dataset, *, labels=None, protocol=None, pred_maps=None, 
     results = evaluate_models(segmenters, dataset, protocol=protocol, progress=progress, options=options, worst=0,
                               distributed=distributed, pred_maps=pred_maps)
     comparison = ComparisonResult(labels, results, [])
-    if _dist_state()[0] != 0:
+    if rank_and_world()[0] != 0:
         return comparison
     comparison.differences = [_difference(labels[0], results[0], labels[k], results[k], seed)
                               for k in range(1, len(results))]

@@ -9,6 +9,10 @@ class CheckpointError(SegcoreError):
     """A checkpoint is unsafe, unreadable or does not match the architecture."""
 
 
+class LabelCountError(CheckpointError):
+    """The label set given for a checkpoint has another number of classes than the checkpoint."""
+
+
 class ImageError(SegcoreError):
     """An image cannot be decoded or is outside the accepted sizes."""
 

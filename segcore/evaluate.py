@@ -12,25 +12,24 @@ from __future__ import annotations
 import csv
 import heapq
 import math
-import os
 import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from .datasets import invalid_label_values
+from .distributed import gather_objects, init_distributed, rank_and_world
 from .errors import SegcoreError
 from .evaluation_advice import unknown_labels_of
 from .metrics import ConfusionMatrix, compute_scores, to_json_dict
 from .bootstrap import ImageMatrices, bootstrap, sparse_matrix
-from .pred_map import prediction_map
+from .pred_map import PredictionMapError, prediction_map
 from .protocol import Protocol, predict_sample, protocol_for, published_scores
 
-__all__ = ["EvaluationError", "EvaluationResult", "evaluate", "evaluate_models", "init_distributed"]
+__all__ = ["EvaluationError", "EvaluationResult", "evaluate", "evaluate_models"]
 
 WORST_COUNT = 8
 THUMBNAIL_SIDE = 160
@@ -90,53 +89,6 @@ class EvaluationResult:
         if self.warnings:
             line += f"\n{len(self.warnings)} conversion warning(s) (shapes skipped or clipped; see scores.json)"
         return line
-
-
-# ----------------------------------------------------------------------------- distributed
-
-
-def init_distributed(device: str = "auto") -> tuple[int, int, bool]:
-    """``(rank, world_size, started)``; starts the default process group under torchrun.
-
-    When the torchrun variables (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) are set and no group
-    exists yet, it is started with nccl on CUDA (each rank on ``cuda:LOCAL_RANK``) or gloo on the
-    CPU; ``started`` says this call started it (so the caller may destroy it).
-    """
-    import torch
-    import torch.distributed as dist
-
-    if not dist.is_available():
-        return 0, 1, False
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), False
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return 0, 1, False
-    world = int(os.environ["WORLD_SIZE"])
-    use_cuda = torch.cuda.is_available() and (device == "auto" or str(device).startswith("cuda"))
-    if use_cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group("nccl" if use_cuda else "gloo")
-    return dist.get_rank(), world, True
-
-
-def _dist_state() -> tuple[int, int]:
-    try:
-        import torch.distributed as dist
-    except ImportError:  # pragma: no cover
-        return 0, 1
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _gather(obj: Any, world: int) -> list:
-    if world == 1:
-        return [obj]
-    import torch.distributed as dist
-
-    out: list = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -215,7 +167,7 @@ def evaluate(segmenter, dataset, *, protocol=None, out_dir=None, progress: bool 
                                 pred_maps=[pred_map], intervals=intervals)
     if checkpoint is None and segmenter is not None:
         checkpoint = getattr(segmenter.model, "checkpoint", None)
-    if out_dir is not None and _dist_state()[0] == 0 and result.per_image:  # no report of NaNs: see evaluation_advice
+    if out_dir is not None and rank_and_world()[0] == 0 and result.per_image:  # no report of NaNs: see evaluation_advice
         result.report = write_outputs(result, out_dir, result.palette, checkpoint=checkpoint)
     return result
 
@@ -229,7 +181,10 @@ class _Run:
         self.mapper = None
         if segmenter is not None and ds_names is not None and (pred_map is not None
                                                                or len(ds_names) != len(segmenter.class_names)):
-            self.mapper = prediction_map(segmenter.class_names, ds_names, pred_map)
+            try:
+                self.mapper = prediction_map(segmenter.class_names, ds_names, pred_map)
+            except PredictionMapError as exc:  # several models may run: say which one needs the mapping
+                raise PredictionMapError(f"{segmenter.name}: {exc}") from exc
             if self.mapper is not None:
                 names = tuple(ds_names)
         self.names = tuple(names)
@@ -277,7 +232,7 @@ def evaluate_models(segmenters, dataset, *, protocol=None, progress: bool = True
     first = segmenters[0]
     if distributed:
         init_distributed(str(getattr(first, "device", "auto")) if first is not None else "cpu")
-        rank, world = _dist_state()
+        rank, world = rank_and_world()
     else:
         rank, world = 0, 1
     total = len(dataset) if max_images is None else min(len(dataset), int(max_images))
@@ -342,13 +297,13 @@ def evaluate_models(segmenters, dataset, *, protocol=None, progress: bool = True
         del sample
     bar.close()
 
-    gathered_warnings = _gather(warnings, world)
+    gathered_warnings = gather_objects(warnings, world)
     all_warnings = [w for _, w in sorted((w for g in gathered_warnings for w in g), key=lambda iw: iw[0])]
     results = []
     for run in runs:
         run.cm.all_reduce()
         scores = run.cm.compute()
-        gathered = _gather((run.rows, run.failures, [(e[2], e[3]) for e in run.heap]), world)
+        gathered = gather_objects((run.rows, run.failures, [(e[2], e[3]) for e in run.heap]), world)
         all_rows = sorted((r for g in gathered for r in g[0]), key=lambda r: r[0])
         matrices = ImageMatrices(n, [r[2] for r in all_rows])
         all_failures = sorted((f for g in gathered for f in g[1]), key=lambda f: f["index"])

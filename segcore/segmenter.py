@@ -20,7 +20,7 @@ from annotations import palette_image
 
 from .checkpoint import load_model, resolve_checkpoint
 from .crf import DenseCRF
-from .errors import CheckpointError, OptionError
+from .errors import CheckpointError, LabelCountError, OptionError
 from .image import MAX_IMAGE_PIXELS, load_image, resize_long_side
 from .model import BGR_MEAN, DEFAULT_SCALES, msc_forward
 
@@ -321,7 +321,7 @@ def _labels_for(ckpt, label_space) -> tuple[tuple[str, ...], np.ndarray]:
         space = annotations.get_label_space(by_count[ckpt.n_classes])
     names = tuple(space.class_names)
     if len(names) != ckpt.n_classes:
-        raise CheckpointError(f"{ckpt.path or 'checkpoint'}: the checkpoint has {ckpt.n_classes} classes but the label set "
+        raise LabelCountError(f"{ckpt.path or 'checkpoint'}: the checkpoint has {ckpt.n_classes} classes but the label set "
                               f"{getattr(space, 'name', '?')!r} has {len(names)}; give a labels file with "
                               f"{ckpt.n_classes} class names (one per line), or weights trained on that label set")
     return names, np.asarray(space.palette, np.uint8)[: len(names)]
