@@ -52,7 +52,7 @@ def open_image(source: bytes | str | os.PathLike, max_pixels: int | None = MAX_I
             else:
                 img = Image.open(Path(source))
     except Image.DecompressionBombError as e:  # Pillow's own cap (2x its warning size) in the header
-        raise ImageTooLargeError(f"{where}: {e}") from e
+        raise ImageTooLargeError(f"{where}: the image exceeds the cap of pixels accepted here ({e})") from e
     except Exception as e:  # PIL raises many types for bad data
         raise ImageLoadError(f"{where}: cannot decode image: {e}") from e
     try:

@@ -81,8 +81,8 @@ def _open(source, where: str) -> Image.Image:
         return Image.open(source)
     except UnidentifiedImageError as exc:
         raise ImageError(f"{where}: not an image, or a format Pillow cannot read") from exc
-    except Image.DecompressionBombError as exc:
-        raise ImageError(f"{where}: {exc}") from exc
+    except Image.DecompressionBombError as exc:  # Pillow's cap, read from the header (the app lowers it)
+        raise ImageError(f"{where}: the image exceeds the cap of pixels accepted here ({exc})") from exc
     except OSError as exc:
         raise ImageError(f"{where}: cannot open the image ({exc})") from exc
 

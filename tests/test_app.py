@@ -205,7 +205,7 @@ def test_v3_checkpoint_upload_segments_like_the_segmenter(client, tmp_path):
     # issue 20: a checkpoint with the improved ASPP head runs in the app unchanged
     ckpt = tiny_checkpoint(tmp_path / "mine_v3.pth", seed=6, aspp="v3", meta={"aspp": "v3"})
     weights, status = call(client, "/upload_checkpoint", handle_file(str(ckpt)), "auto", None)
-    assert weights == "mine_v3.pth (uploaded)" and "21 classes" in status
+    assert re.fullmatch(r"mine_v3\.pth \([0-9a-f]{8}\) \(uploaded\)", weights) and "21 classes" in status
     rgb = scene_image(48, 64, seed=2)
     src = tmp_path / "v3.png"
     Image.fromarray(rgb).save(src)

@@ -156,7 +156,7 @@ def test_each_request_writes_its_own_result_files(server, tmp_path):
     new = sorted(p for p in jobs.glob("image-*") if p.name not in before)
     assert len(new) == 2  # same input, two requests: two folders, nothing shared or rewritten
     for folder in new:
-        assert sorted(p.name for p in folder.iterdir()) == ["label_map.png", "overlay.png", "same_mask.png"]
+        assert sorted(p.name for p in folder.iterdir()) == ["label_map.png", "overlay.png", "same.json", "same_mask.png"]
 
 
 # ----------------------------------------------------------------------------- CPU and time

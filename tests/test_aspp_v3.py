@@ -168,7 +168,7 @@ def test_a_v3_checkpoint_serves_predict_evaluate_and_video(tmp_path):
                            str(ckpt), "--test-size", "65", "--scales", "--precision", "fp32", "--out",
                            str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out/a_mask.png")), preds[0])
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out/a.png")), preds[0])
 
     # evaluation: labels made from other predictions, so the IoUs are known by hand
     root = tmp_path / "voc"
@@ -179,7 +179,9 @@ def test_a_v3_checkpoint_serves_predict_evaluate_and_video(tmp_path):
     Image.fromarray(images[1]).save(root / "JPEGImages/x.jpg", quality=100)
     Image.fromarray(label.astype(np.uint8)).save(root / "SegmentationClass/x.png")
     (root / "ImageSets/Segmentation/val.txt").write_text("x\n")
-    result = evaluate(seg, open_dataset(root, "voc", split="val"), progress=False, distributed=False)
+    # protocol "resize" is the Segmenter's own path (the VOC default, "reference", runs at native size)
+    result = evaluate(seg, open_dataset(root, "voc", split="val"), protocol="resize", progress=False,
+                      distributed=False)
     pred = seg.predict(np.asarray(Image.open(root / "JPEGImages/x.jpg").convert("RGB"))).label_map
     ious = [((pred == k) & (label == k)).sum() / ((pred == k) | (label == k)).sum()
             for k in range(21) if (label == k).any()]  # the project's protocol: classes in the ground truth

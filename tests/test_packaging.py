@@ -72,7 +72,7 @@ def test_pip_install_gives_console_commands_that_work_from_any_folder(installed,
     predicted = run(installed, "segcore", "predict", "a.jpg", "--weights", ckpt, "--scales", "--test-size", "65",
                     "--device", "cpu", "--out", "masks", cwd=tmp_path)
     assert predicted.returncode == 0, predicted.stderr
-    assert Image.open(tmp_path / "masks" / "a_mask.png").size == (48, 40)
+    assert Image.open(tmp_path / "masks" / "a.png").size == (48, 40)
 
     write_labelme(tmp_path / "lm" / "x.json", [{"label": "person", "points": [[2, 2], [30, 2], [30, 30]],
                                                 "shape_type": "polygon"}], np.full((40, 40, 3), 90, np.uint8))
