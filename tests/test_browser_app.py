@@ -171,12 +171,14 @@ def test_compare_section_draws_grouped_bars_for_two_checkpoints(page, tmp_path):
                                                                                          seed=7)))
     page.get_by_role("button", name="Use this checkpoint").click()
     page.wait_for_selector("#model-status:has-text('second.pth')")
+    uploaded = page.locator("#weights input").input_value()  # the upload is selected, under its own name
+    assert uploaded.startswith("second.pth (") and uploaded.endswith(UPLOAD_SUFFIX)
     page.get_by_role("tab", name="Evaluate").click()
     page.locator("#eval-files input[type=file]").set_input_files(str(make_labelme_zip(tmp_path)))
     page.wait_for_selector("#eval-files [aria-label='my_annotations.zip']")
     page.get_by_text("Compare models on these annotations").click()
     models = page.locator("#compare-models input")
-    for name in ("tiny.pth", "second.pth" + UPLOAD_SUFFIX):
+    for name in ("tiny.pth", uploaded):
         models.click()
         models.fill(name)
         models.press("Enter")
