@@ -22,6 +22,7 @@ from test_app import TEST_SIZE, running_server, write_video
 from gradio_client import Client, handle_file
 
 TIME_LIMIT = 20
+UNPACKED_BYTES = 4_000_000  # the server's per-request zip budget in these tests
 
 
 def files_under(folder: Path) -> set[str]:
@@ -32,7 +33,7 @@ def files_under(folder: Path) -> set[str]:
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("hosting")
     with running_server(root / "server", tiny_checkpoint(root / "tiny.pth"), SEGCORE_TIME_LIMIT=TIME_LIMIT,
-                        SEGCORE_MAX_VIDEO_SECONDS=60) as (url, proc):
+                        SEGCORE_MAX_VIDEO_SECONDS=60, SEGCORE_MAX_UNPACKED_BYTES=UNPACKED_BYTES) as (url, proc):
         yield url, root / "server"
 
 
@@ -250,3 +251,79 @@ def test_an_owners_oldest_upload_goes_past_the_quota(tmp_path):
     assert alice == names[2:]  # the newest five
     assert [n for n in store.choices("bob") if n.endswith("(uploaded)")] == [names[1]]
     assert len(list((tmp_path / "uploads").iterdir())) == MAX_UPLOADS_PER_OWNER + 1  # names[0] deleted
+
+
+# ----------------------------------------------------------------------------- hostile uploads
+
+
+def _zip(path: Path, members: dict[str, bytes]) -> Path:
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return path
+
+
+def test_image_paths_outside_the_upload_are_never_read_and_say_nothing(server, tmp_path):
+    import json
+
+    c = client(server)
+    secret = tmp_path / "secret.png"  # a server file that exists, next to one that does not
+    png(secret)
+    docs = {}
+    for name, target in (("exists.json", str(secret)), ("missing.json", str(tmp_path / "nope.png")),
+                         ("dotdot.json", "../../secret.png")):
+        docs[name] = json.dumps({"version": "5.4.1", "flags": {}, "imagePath": target, "imageData": None,
+                                 "imageHeight": 40, "imageWidth": 48,
+                                 "shapes": [{"label": "cat", "points": [[1, 1], [20, 1], [20, 20]],
+                                             "shape_type": "polygon", "flags": {}, "group_id": None}]}).encode()
+    upload = _zip(tmp_path / "paths.zip", docs)
+    with pytest.raises(Exception) as refused:
+        c.predict([handle_file(str(upload))], "voc", "error", None, None, False, api_name="/convert")
+    text = str(refused.value)
+    import re
+
+    answers = set()
+    for name in docs:  # the same answer, whether or not the path exists on the server
+        found = re.search(rf"{name}: image '[^']*' (not found in the input folder or zip[^)]*\))", text)
+        assert found, (name, text)
+        answers.add(found.group(1))
+    assert len(answers) == 1, answers
+    assert "Nothing was converted" in text
+
+
+def test_zips_past_the_request_budget_are_refused_and_leave_nothing(server, tmp_path):
+    _, root = server
+    c = client(server)
+    jobs, before = root / "app" / "jobs", files_under(root / "app" / "jobs")
+    # three zips of 1.5 MB unpacked each (zeros: a few KB packed): each alone fits, together they do not
+    zips = [_zip(tmp_path / f"part{i}.zip", {f"pad{i}.bin": bytes(1_500_000)}) for i in range(3)]
+    with pytest.raises(Exception, match="part2.zip") as refused:
+        c.predict([handle_file(str(z)) for z in zips], "voc", "error", None, None, False, api_name="/convert")
+    assert f"{UNPACKED_BYTES:,}" in str(refused.value)  # the request's budget, named in the answer
+    assert files_under(jobs) == before  # the extractions of the first two zips are gone too
+
+
+def test_oversized_embedded_image_is_refused_from_its_header(server, tmp_path):
+    import base64
+    import io
+    import json
+
+    c = client(server)
+    big = io.BytesIO()
+    Image.new("L", (6000, 5000)).save(big, format="PNG")  # 30 megapixels over the 25 MP cap, ~30 KB packed
+    assert len(big.getvalue()) < 200_000
+    doc = {"version": "5.4.1", "flags": {}, "imagePath": "big.png", "imageHeight": 5000, "imageWidth": 6000,
+           "imageData": base64.b64encode(big.getvalue()).decode(),
+           "shapes": [{"label": "cat", "points": [[1, 1], [20, 1], [20, 20]], "shape_type": "polygon",
+                       "flags": {}, "group_id": None}]}
+    path = tmp_path / "big.json"
+    path.write_text(json.dumps(doc))
+    started = time.monotonic()
+    with pytest.raises(Exception, match="exceeds the cap"):
+        c.predict([handle_file(str(path))], "voc", "error", None, None, False, api_name="/convert")
+    with pytest.raises(Exception, match="exceeds the cap|could be evaluated"):
+        c.predict(annotation_files=[handle_file(str(path))], weights="tiny.pth", test_size=TEST_SIZE,
+                  api_name="/evaluate")
+    assert time.monotonic() - started < 120  # refused from the header, not after decoding 30 MP twice
