@@ -138,6 +138,19 @@ def build(ctx: Context) -> None:
     compare_models.focus(lambda: gr.Dropdown(choices=ctx.store.choices(ctx.owners.owner())), None, compare_models,
                          api_visibility="private", queue=False)
 
+    def open_annotations(annotation_files, mapping_file, unknown_labels, space, job):
+        """The uploaded labelme files as a dataset, read once in a killable process first (see Jobs.screen)."""
+        paths = as_paths(annotation_files)
+        # a single zip is read as it is, like `python -m segcore evaluate data.zip` (same image ids)
+        source = paths[0] if len(paths) == 1 and paths[0].suffix.lower() == ".zip" \
+            else gather_uploads(paths, job / "annotations")
+        map_file = str(as_paths(mapping_file)[0]) if as_paths(mapping_file) else None
+        dataset = segcore.open_dataset(source, "labelme", label_space=space, mapping=map_file,
+                                       unknown=unknown_labels or "error", budget=request_budget(),
+                                       max_pixels=ctx.config.max_image_pixels)
+        ctx.jobs.screen(dataset)  # a file that holds the interpreter is stopped in a separate process
+        return dataset
+
     # None defaults make the optional inputs optional for API clients (Gradio reads the signature); the
     # others default to their component's value there
     @ctx.jobs.scoped
@@ -160,15 +173,7 @@ def build(ctx: Context) -> None:
             else:
                 seg = model_for(ctx, weights, multiscale, crf, test_size, progress)
                 space = resolve_space(label_space, labels_file, seg)
-                paths = as_paths(annotation_files)
-                # a single zip is read as it is, like `python -m segcore evaluate data.zip` (same image ids)
-                source = paths[0] if len(paths) == 1 and paths[0].suffix.lower() == ".zip" \
-                    else gather_uploads(paths, job / "annotations")
-                map_file = str(as_paths(mapping_file)[0]) if as_paths(mapping_file) else None
-                dataset = segcore.open_dataset(source, "labelme", label_space=space, mapping=map_file,
-                                               unknown=unknown_labels or "error", budget=request_budget(),
-                                               max_pixels=ctx.config.max_image_pixels)
-                ctx.jobs.screen(dataset)  # a file that holds the interpreter is stopped in a separate process
+                dataset = open_annotations(annotation_files, mapping_file, unknown_labels, space, job)
             progress(0.0, desc="Evaluating")
             out = job / "report"
             result = segcore.evaluate(seg, dataset, protocol=protocol_name or None, out_dir=out, progress=True,
@@ -208,14 +213,7 @@ def build(ctx: Context) -> None:
         with user_errors():
             segs = [model_for(ctx, name, multiscale, crf, test_size, progress) for name in models]
             space = resolve_space(label_space, labels_file, segs[0])
-            paths = as_paths(annotation_files)
-            source = paths[0] if len(paths) == 1 and paths[0].suffix.lower() == ".zip" \
-                else gather_uploads(paths, job / "annotations")
-            map_file = str(as_paths(mapping_file)[0]) if as_paths(mapping_file) else None
-            dataset = segcore.open_dataset(source, "labelme", label_space=space, mapping=map_file,
-                                           unknown=unknown_labels or "error", budget=request_budget(),
-                                           max_pixels=ctx.config.max_image_pixels)
-            ctx.jobs.screen(dataset)  # a file that holds the interpreter is stopped in a separate process
+            dataset = open_annotations(annotation_files, mapping_file, unknown_labels, space, job)
             progress(0.0, desc="Comparing")
             out = job / "comparison"
             result = compare_models_on(segs, dataset, labels=models, protocol=protocol_name or None, out_dir=out,
