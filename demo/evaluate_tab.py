@@ -7,9 +7,9 @@ import math
 import gradio as gr
 import pandas as pd
 
-import annotations
 import segcore
 from segcore import evaluation_advice
+from segcore.datasets import annotation_label_space
 
 from .common import as_paths, gather_uploads, pct, readable, request_budget, require, user_errors, zip_folder
 from .panel import Context, model_for, refresh_status
@@ -31,15 +31,11 @@ def empty_table(columns: list[str]) -> pd.DataFrame:
 
 
 def resolve_space(choice: str | None, labels_file, seg: segcore.Segmenter | None):
-    """The label space annotations are converted against: a labels file, voc/cocostuff, or the model's."""
+    """The label space annotations are converted against: a labels file, voc/cocostuff, or the model's
+    (segcore's rule, :func:`segcore.datasets.annotation_label_space`)."""
     labels = as_paths(labels_file)
-    if labels:
-        return annotations.LabelSpace.from_file(labels[0])
-    if choice and choice != "model":
-        return annotations.get_label_space(choice)
-    if seg is None:
-        return annotations.get_label_space("voc")
-    return annotations.label_space_for_names(seg.class_names, palette=seg.palette, name=seg.name or "model")
+    chosen = labels[0] if labels else (choice if choice and choice != "model" else None)
+    return annotation_label_space(chosen, seg)
 
 
 def scores_table(result: segcore.EvaluationResult) -> pd.DataFrame:

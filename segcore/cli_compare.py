@@ -19,9 +19,9 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
-    from .cli_evaluate import _label_space_for, model_from_args, protocol_from_args
+    from .cli_evaluate import model_from_args, protocol_from_args
     from .compare import compare, format_comparison_table
-    from .datasets import open_dataset
+    from .datasets import annotation_label_space, open_dataset
     from .distributed import init_distributed
     from .evaluate import EvaluationError
 
@@ -38,7 +38,7 @@ def run(args) -> int:
                 args.device = f"cuda:{torch.cuda.current_device()}"
         fmt, protocol = protocol_from_args(args)
         segmenters = [model_from_args(args, w) for w in args.weights]
-        space = _label_space_for(segmenters[0], args.labels)
+        space = annotation_label_space(args.labels, segmenters[0])
         dataset = open_dataset(args.data, fmt, split=args.split, label_space=space, mapping=args.map,
                                unknown=args.unknown)
         names = tuple(dataset.class_names or segmenters[0].class_names)

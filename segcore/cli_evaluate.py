@@ -47,15 +47,6 @@ def add_arguments(parser):
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _label_space_for(segmenter, labels):
-    """The label space labelme files are converted against: --labels, else the model's classes."""
-    from .datasets import _space, _space_for_names
-
-    if labels is not None:
-        return _space(labels)
-    return _space_for_names(segmenter.class_names)
-
-
 def protocol_from_args(args):
     """(dataset format, Protocol) of the command line; fills in the protocol's default precision."""
     from .datasets import detect_format
@@ -87,7 +78,7 @@ def model_from_args(args, weights=None):
 
 
 def run(args) -> int:
-    from .datasets import open_dataset
+    from .datasets import annotation_label_space, open_dataset
     from .distributed import init_distributed
     from .evaluate import EvaluationError, evaluate
     from .bootstrap import interval_line
@@ -119,7 +110,7 @@ def run(args) -> int:
         else:
             fmt, protocol = protocol_from_args(args)
             segmenter = model_from_args(args)
-            space = _label_space_for(segmenter, args.labels)
+            space = annotation_label_space(args.labels, segmenter)
             dataset = open_dataset(args.data, fmt, split=args.split, label_space=space,
                                    mapping=args.map, unknown=args.unknown)
         options = {"data": str(args.data), "format": dataset.format, "split": dataset.split}

@@ -25,7 +25,7 @@ from annotations.limits import MAX_IMAGE_PIXELS, ImageTooLargeError, check_pixel
 
 from .errors import SegcoreError
 
-__all__ = ["FORMATS", "DatasetError", "Sample", "SegmentationDataset", "detect_format", "invalid_label_values",
+__all__ = ["FORMATS", "DatasetError", "annotation_label_space", "Sample", "SegmentationDataset", "detect_format", "invalid_label_values",
            "open_dataset",
            "read_label"]
 
@@ -480,14 +480,25 @@ def _open_voc(path: Path, split: str | None, space) -> SegmentationDataset:
     return VOCDataset(root.name, root, items, names, split=split, label_space=space)
 
 
-def _space_for_names(names):
+def _space_for_names(names, palette=None, name: str = "custom"):
     """The built-in label space with these class names, else one made from them."""
     import annotations
 
     try:
-        return annotations.label_space_for_names(names)
+        return annotations.label_space_for_names(names, palette=palette, name=name)
     except annotations.AnnotationError as exc:
         raise DatasetError(f"class names: {exc}") from exc
+
+
+def annotation_label_space(labels=None, segmenter=None):
+    """The label space annotations are converted against, one rule for the CLI and the app: ``labels``
+    (a built-in name, a labels.txt path or a LabelSpace), else the model's own classes (names and palette),
+    else VOC."""
+    if labels is not None:
+        return _space(labels)
+    if segmenter is None:
+        return _space("voc")
+    return _space_for_names(segmenter.class_names, segmenter.palette, segmenter.name or "model")
 
 
 def _open_cocostuff10k(path: Path, split: str | None, space) -> SegmentationDataset:
