@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .datasets import FORMATS
 from .errors import LabelCountError
 
-FORMAT_CHOICES = ("auto", "labelme", "voc", "cocostuff10k", "cocostuff164k", "masks")
 
 
 def add_arguments(parser):
@@ -31,7 +31,7 @@ def add_arguments(parser):
     parser.set_defaults(precision=None)  # the protocol's default: fp32 for reference (see run)
     parser.add_argument("--data", type=Path, required=True,
                         help="dataset folder (or labelme .zip); with --format masks the ground-truth masks")
-    parser.add_argument("--format", default="auto", choices=FORMAT_CHOICES,
+    parser.add_argument("--format", default="auto", choices=FORMATS,
                         help="dataset layout (default: detect)")
     parser.add_argument("--split", default=None,
                         help="split or list name (voc: val, else all; cocostuff10k: test; "
