@@ -12,7 +12,6 @@ from .datasets import FORMATS
 from .errors import LabelCountError
 
 
-
 def add_arguments(parser):
     from .cli import add_model_arguments
 
