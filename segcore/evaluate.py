@@ -24,7 +24,7 @@ from .datasets import invalid_label_values
 from .distributed import gather_objects, init_distributed, rank_and_world
 from .errors import SegcoreError
 from .evaluation_advice import unknown_labels_of
-from .metrics import ConfusionMatrix, compute_scores, to_json_dict
+from .metrics import ConfusionMatrix, compute_scores
 from .bootstrap import ImageMatrices, bootstrap, sparse_matrix
 from .pred_map import PredictionMapError, prediction_map
 from .protocol import Protocol, predict_sample, protocol_for, published_scores
@@ -401,8 +401,3 @@ def write_outputs(result: EvaluationResult, out_dir, palette, *, checkpoint=None
     if worst_meta:
         paths["worst"] = worst_dir
     return paths
-
-
-def scores_json_dict(result: EvaluationResult) -> dict:
-    """The scores with NaN as None (what scores.json holds), for callers without an output folder."""
-    return to_json_dict({**result.scores, "class_names": list(result.class_names)})

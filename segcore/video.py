@@ -69,16 +69,6 @@ class _Pending:
     key: int  # index of the segmented frame whose labels this frame shows
 
 
-def probe_video(src) -> dict:
-    """Size, rate, duration and frame count (None where the container does not say) of a video file."""
-    src = Path(src)
-    container = _open_input(src)
-    try:
-        return _describe(container, src)
-    finally:
-        container.close()
-
-
 def _open_input(src: Path):
     import av
 
