@@ -143,7 +143,8 @@ def evaluate(segmenter, dataset, *, protocol=None, out_dir=None, progress: bool 
              thumbnail_side: int = THUMBNAIL_SIDE, distributed: bool = True,
              max_images: int | None = None, pred_map=None, intervals: bool = True) -> EvaluationResult:
     """Score ``segmenter`` (a :class:`~segcore.Segmenter`, or None for datasets of stored
-    predictions) on ``dataset`` (a :class:`~segcore.datasets.SegmentationDataset`).
+    predictions) on ``dataset`` (a :class:`~segcore.datasets.SegmentationDataset`). ``class_names``,
+    when given, is the evaluation's label space (the labels are indices into it), else the dataset's.
 
     ``protocol`` (``"reference"``, ``"resize"``, a :class:`~segcore.protocol.Protocol` or None for
     the dataset format's default) decides how each image is run; see :mod:`segcore.protocol`. This
@@ -175,9 +176,10 @@ def evaluate(segmenter, dataset, *, protocol=None, out_dir=None, progress: bool 
 class _Run:
     """One model's share of a pass over the dataset: its mapping, matrix, rows, failures, worst images."""
 
-    def __init__(self, segmenter, dataset, names, pred_map, palette):
+    def __init__(self, segmenter, dataset, names, pred_map, palette, eval_names=None):
         self.segmenter = segmenter
-        ds_names = getattr(dataset, "class_names", None)
+        # the evaluation's label space: the caller's class names when given, else the dataset's
+        ds_names = eval_names if eval_names is not None else getattr(dataset, "class_names", None)
         self.mapper = None
         if segmenter is not None and ds_names is not None and (pred_map is not None
                                                                or len(ds_names) != len(segmenter.class_names)):
@@ -249,7 +251,8 @@ def evaluate_models(segmenters, dataset, *, protocol=None, progress: bool = True
                               "pass a label space (voc, cocostuff or a labels file)")
     if first is None and getattr(dataset, "format", None) != "masks":
         raise EvaluationError("no model given: only the masks format carries its own predictions")
-    runs = [_Run(seg, dataset, names, pm, palette) for seg, pm in zip(segmenters, pred_maps)]
+    given = tuple(class_names) if class_names is not None else None
+    runs = [_Run(seg, dataset, names, pm, palette, given) for seg, pm in zip(segmenters, pred_maps)]
     for k, run in enumerate(runs[1:], 2):
         if run.names != runs[0].names:
             raise EvaluationError(f"model {k} ({run.segmenter.name}) predicts {len(run.names)} classes, model 1 "

@@ -366,8 +366,9 @@ def evaluate(model: nn.Module, dataset, class_names, device, *, precision: str =
         # the palette only colours report thumbnails, and validation writes no report
         segmenter = Segmenter(model, class_names, np.zeros((n, 3), np.uint8), scales=model.scales, device=device,
                               precision=precision, max_pixels=None)
+        # the labels are indices into the trainer's classes, whatever names the dataset carries
         result = evaluate_dataset(segmenter, dataset, progress=False, worst=0, max_images=max_images,
-                                  intervals=False)
+                                  intervals=False, class_names=class_names)
     finally:
         if was_training:
             set_train_mode(model)
