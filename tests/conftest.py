@@ -24,3 +24,19 @@ def smoke_model(tmp_path_factory):
 
     run = tmp_path_factory.mktemp("smoke_model")
     return train_smoke_model(run), run
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium (Debian's, through Playwright) for one test module; skipped without the binary."""
+    from browser_helpers import CHROMIUM_ARGS, chromium_path
+
+    path = chromium_path()
+    if path is None:
+        pytest.skip("no Chromium binary (apt-get install -y chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=path, headless=True, args=CHROMIUM_ARGS)
+        yield b
+        b.close()

@@ -9,7 +9,6 @@ Run as a script to refresh the README screenshots:
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 import zipfile
 from pathlib import Path
@@ -18,24 +17,12 @@ import pytest
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
 
+from browser_helpers import CHROMIUM_ARGS, REPO, chromium_path, set_fast_options
 from factories import tiny_checkpoint
 from labelme_fixtures import generate_folder
 from test_app import running_app
 
 pytestmark = pytest.mark.browser
-
-REPO = Path(__file__).resolve().parent.parent
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--no-first-run", "--disable-dev-shm-usage",
-                 # a synthetic camera for the webcam tab, allowed without a prompt
-                 "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream"]
-
-
-def chromium_path() -> str | None:
-    for candidate in (os.environ.get("CHROMIUM"), "/usr/bin/chromium", "/usr/bin/chromium-browser"):
-        if candidate and Path(candidate).is_file():
-            return candidate
-    return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 def make_labelme_zip(root: Path, n: int = 3) -> Path:
@@ -46,19 +33,6 @@ def make_labelme_zip(root: Path, n: int = 3) -> Path:
         for p in sorted(folder.iterdir()):
             zf.write(p, p.name)
     return archive
-
-
-@pytest.fixture(scope="module")
-def browser():
-    path = chromium_path()
-    if path is None:
-        pytest.skip("no Chromium binary (apt-get install -y chromium)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=path, headless=True, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
 
 
 @pytest.fixture(scope="module")
@@ -77,14 +51,6 @@ def page(browser, app_url):
     page.wait_for_selector("#image-input")
     yield page
     context.close()
-
-
-def set_fast_options(page, test_size: int = 65):
-    """Single scale, test size 65: the tiny model answers at once."""
-    page.get_by_label("Multi-scale").uncheck()
-    size = page.locator("input[aria-label='number input for Test size']")
-    size.fill(str(test_size))
-    size.press("Enter")
 
 
 def test_image_upload_shows_overlay_and_legend(page):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import zipfile
 
 import pytest
+from browser_helpers import CHROMIUM_ARGS, chromium_path, set_fast_options
 from factories import upscaled_images
 from test_app import running_app
-from test_browser_app import CHROMIUM_ARGS, chromium_path, set_fast_options
 
 pytestmark = pytest.mark.browser
 

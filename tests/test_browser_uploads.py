@@ -10,26 +10,13 @@ import os
 from pathlib import Path
 
 import pytest
+from browser_helpers import REPO
 from factories import tiny_checkpoint
 from test_app import running_app
-from test_browser_app import CHROMIUM_ARGS, REPO, chromium_path
 
 pytestmark = pytest.mark.browser
 
 CLASS_NAMES = [f"mine{i}" for i in range(21)]
-
-
-@pytest.fixture(scope="module")
-def browser():
-    path = chromium_path()
-    if path is None:
-        pytest.skip("no Chromium binary (apt-get install -y chromium)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=path, headless=True, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
 
 
 @pytest.fixture(scope="module")
