@@ -15,7 +15,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from .bench_evaluate import FULL_SIZES, QUICK_SIZES, ROOT, _write_voc
+from .bench_evaluate import FULL_SIZES, QUICK_SIZES, ROOT, _write_voc, write_checkpoint
 from .bench_metrics import _current_rss_mb, _peak_rss_mb, _reset_peak
 
 
@@ -49,24 +49,12 @@ def _child(ckpts: list[str], data: str, mode: str, out: str) -> dict:
 
 
 def run(quick: bool) -> dict:
-    sys.path.insert(0, str(ROOT / "tests"))
-    import torch
-    from factories import randomize_, tiny_checkpoint
-
-    from segcore import build_model
-
+    sys.path.insert(0, str(ROOT / "tests"))  # the test factories make the images and models
     sizes = QUICK_SIZES if quick else FULL_SIZES
     with tempfile.TemporaryDirectory(prefix="bench-compare-") as tmp:
         tmp = Path(tmp)
         _write_voc(tmp / "voc", sizes)
-        ckpts = []
-        for seed in (0, 1):
-            path = tmp / f"model{seed}.pth"
-            if quick:
-                tiny_checkpoint(path, n_classes=21, seed=seed)
-            else:
-                torch.save(randomize_(build_model(21), seed=seed).state_dict(), path)
-            ckpts.append(str(path))
+        ckpts = [write_checkpoint(tmp / f"model{seed}.pth", quick, seed) for seed in (0, 1)]
         ctx = mp.get_context("spawn")
         rows = {}
         for mode in ("compare", "two_evaluates"):

@@ -71,22 +71,27 @@ def _child(ckpt: str, data: str, protocol: str, precision: str, repeats: int) ->
     return out
 
 
-def run(quick: bool) -> dict:
-    sys.path.insert(0, str(ROOT / "tests"))
+def write_checkpoint(path: Path, quick: bool, seed: int = 0) -> str:
+    """A 21-class checkpoint with seeded random weights: the tiny test model, or the full ResNet-101."""
     import torch
     from factories import randomize_, tiny_checkpoint
 
     from segcore import build_model
 
+    if quick:
+        tiny_checkpoint(path, n_classes=21, seed=seed)
+    else:
+        torch.save(randomize_(build_model(21), seed=seed).state_dict(), path)
+    return str(path)
+
+
+def run(quick: bool) -> dict:
+    sys.path.insert(0, str(ROOT / "tests"))  # the test factories make the images and models
     sizes = QUICK_SIZES if quick else FULL_SIZES
     with tempfile.TemporaryDirectory(prefix="bench-evaluate-") as tmp:
         tmp = Path(tmp)
         _write_voc(tmp / "voc", sizes)
-        ckpt = tmp / "model.pth"
-        if quick:
-            tiny_checkpoint(ckpt, n_classes=21)
-        else:
-            torch.save(randomize_(build_model(21), seed=0).state_dict(), ckpt)
+        ckpt = write_checkpoint(tmp / "model.pth", quick)
         ctx = mp.get_context("spawn")
         rows = []
         for protocol, precision in SETTINGS:
