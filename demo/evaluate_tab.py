@@ -10,6 +10,7 @@ import pandas as pd
 import segcore
 from segcore import evaluation_advice
 from segcore.datasets import annotation_label_space
+from segcore.evaluate import failure_text
 
 from .common import as_paths, gather_uploads, pct, readable, request_budget, require, user_errors, zip_folder
 from .panel import Context, model_for, refresh_status
@@ -54,11 +55,7 @@ def per_image_table(result: segcore.EvaluationResult) -> pd.DataFrame:
 
 
 def issues_text(failures: list[dict], warnings: list[dict]) -> str:
-    lines = []
-    for f in failures:
-        reason = readable(f["reason"])
-        lines.append(f"FAILED {reason}" if reason.startswith(readable(f["file"])) else
-                     f"FAILED {readable(f['file'])}: {reason}")
+    lines = [f"FAILED {readable(failure_text(f))}" for f in failures]
     for w in warnings:
         where = f" shape {w['shape']}" if w.get("shape") is not None else ""
         lines.append(f"warning {w['file']}{where}: {readable(w['reason'])}")

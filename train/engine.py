@@ -358,6 +358,7 @@ def evaluate(model: nn.Module, dataset, class_names, device, *, precision: str =
     that command reports for the saved checkpoint. Shards over ranks; an unreadable or mislabelled
     validation image stops the run with its file named."""
     from segcore.evaluate import evaluate as evaluate_dataset
+    from segcore.evaluate import failure_text
     from segcore.segmenter import Segmenter
 
     was_training = model.training
@@ -373,8 +374,7 @@ def evaluate(model: nn.Module, dataset, class_names, device, *, precision: str =
         if was_training:
             set_train_mode(model)
     if result.failures:
-        first = result.failures[0]
-        reason = first["reason"] if first["reason"].startswith(first["file"]) else f"{first['file']}: {first['reason']}"
+        reason = failure_text(result.failures[0])
         more = f" (and {len(result.failures) - 1} more)" if len(result.failures) > 1 else ""
         raise TrainError(f"validation image {reason}{more}")
     return result.scores
