@@ -11,7 +11,7 @@ import importlib
 
 from annotations.cli_errors import CliParser, run_cli
 
-from .segmenter import PRECISIONS
+from .precision import PRECISIONS
 
 COMMANDS = {
     "predict": ("segcore.cli_predict", "segment images and write palette masks and overlays"),

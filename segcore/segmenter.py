@@ -23,8 +23,8 @@ from .crf import DenseCRF
 from .errors import CheckpointError, LabelCountError, OptionError
 from .image import MAX_IMAGE_PIXELS, load_image, resize_long_side
 from .model import BGR_MEAN, DEFAULT_SCALES, msc_forward
+from .precision import resolve_precision
 
-PRECISIONS = ("auto", "fp32", "fp32-fused", "bf16", "fp16")
 _UPSAMPLE_BUDGET_BYTES = 64 << 20
 
 
@@ -89,25 +89,6 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
             raise OptionError(f"device {device!r}: this machine has {count or 'no'} CUDA GPU(s); "
                               "use auto or cpu" + (f", or cuda:0..cuda:{count - 1}" if count else ""))
     return resolved
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto``: bf16 on CUDA GPUs that have it (fp16 otherwise); on the CPU bf16 where it has native
-    bf16 dot products (AVX512-BF16 or AMX, see :func:`segcore.fast.cpu_bf16_supported`), otherwise
-    ``fp32-fused``: fp32 arithmetic through the fast path's folded, fused kernels.
-
-    ``fp32`` runs the original model untouched, so its numbers are the reference's to the last bit."""
-    if precision not in PRECISIONS:
-        raise OptionError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if device.type == "cpu":
-        from .fast import cpu_bf16_supported
-
-        return "bf16" if cpu_bf16_supported() else "fp32-fused"
-    return "fp32"
 
 
 def class_argmax(scores: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,10 @@ import yaml
 
 from .errors import ConfigError
 
+TRAIN_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+"""The inference precisions (``segcore.precision.PRECISIONS``) training runs in: mixed precision is autocast
+with a GradScaler; the fused fp32 kernels are inference-only."""
+
 BGR_MEAN = [104.008, 116.669, 122.675]
 
 
@@ -217,8 +221,8 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
     need(s.lr_step >= 1, "solver.lr_step must be >= 1")
     need(lg.every >= 1 and lg.val_every >= 0 and lg.save_every >= 1,
          "log.every and log.save_every must be >= 1, log.val_every >= 0")
-    need(r.precision in ("auto", "fp32", "bf16", "fp16"),
-         "runtime.precision must be auto, fp32, bf16 or fp16")
+    need(r.precision in TRAIN_PRECISIONS,
+         f"runtime.precision must be {', '.join(TRAIN_PRECISIONS[:-1])} or {TRAIN_PRECISIONS[-1]}")
     need(r.stop_after is None or r.stop_after >= 1, "runtime.stop_after must be >= 1")
     if m.init.format == "torchvision" and m.stride_in_1x1:
         raise ConfigError("model.init.format torchvision needs model.stride_in_1x1: false "

@@ -40,9 +40,10 @@ import torch.nn.functional as F
 from annotations import IGNORE_INDEX
 from segcore.checkpoint import read_checkpoint_file, save_checkpoint
 from segcore.model import build_model
+from segcore.precision import resolve_precision
 
 from . import init_weights
-from .config import ConfigError, TrainConfig, dump_config
+from .config import TRAIN_PRECISIONS, ConfigError, TrainConfig, dump_config
 from .data import (
     SYNTHETIC_CLASSES,
     GlobalBatchSampler,
@@ -237,14 +238,6 @@ def setup_distributed(device_pref: str) -> tuple[DistInfo, torch.device]:
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, init_method="env://")
     return info, device
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    if device.type != "cuda":
-        return "fp32"
-    if precision == "auto":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return precision
 
 
 class StopFlag:
@@ -480,7 +473,9 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, info: DistInfo,
     if cfg.model.sync_bn:
         sync_head_bn(model, info, device)
     set_train_mode(model)
-    precision = resolve_precision(cfg.runtime.precision, device)
+    # mixed precision trains on CUDA only; elsewhere the run (and its validation) is plain fp32
+    precision = resolve_precision(cfg.runtime.precision if device.type == "cuda" else "fp32", device,
+                                  TRAIN_PRECISIONS)
     channels_last = cfg.runtime.channels_last and device.type == "cuda"
     model.to(device)
     if channels_last:
