@@ -22,7 +22,7 @@ from .bench_metrics import _current_rss_mb, _peak_rss_mb, _reset_peak
 def _child(ckpts: list[str], data: str, mode: str, out: str) -> dict:
     sys.path.insert(0, str(ROOT / "tests"))
     import segcore
-    from segcore.compare import compare
+    from segcore.comparison import compare
 
     segs = [segcore.Segmenter.from_pretrained(c) for c in ckpts]
     dataset = segcore.open_dataset(data, "voc")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
+from annotations import AnnotationError
 from annotations.cli_errors import CliParser, run_cli
 
 from .precision import PRECISIONS
@@ -83,9 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     """Exit codes: 0 done, 1 some files failed (named in the output), 2 bad input, 130 interrupted."""
-    import annotations
-
     from .errors import SegcoreError
 
     args = build_parser().parse_args(argv)
-    return run_cli(lambda: args._run(args), (SegcoreError, annotations.AnnotationError))
+    return run_cli(lambda: args._run(args), (SegcoreError, AnnotationError))

@@ -20,10 +20,10 @@ def add_arguments(parser):
 
 def run(args) -> int:
     from .cli_evaluate import model_from_args, protocol_from_args
-    from .compare import compare, format_comparison_table
+    from .comparison import compare, format_comparison_table
     from .datasets import annotation_label_space, open_dataset
     from .distributed import init_distributed
-    from .evaluate import EvaluationError
+    from .evaluation import EvaluationError
 
     if args.format == "masks" or args.pred is not None:
         raise EvaluationError("compare runs models; stored prediction masks are scored with evaluate --format masks")

@@ -79,7 +79,7 @@ def model_from_args(args, weights=None):
 def run(args) -> int:
     from .datasets import annotation_label_space, open_dataset
     from .distributed import init_distributed
-    from .evaluate import EvaluationError, evaluate
+    from .evaluation import EvaluationError, evaluate
     from .bootstrap import interval_line
     from .evaluation_advice import raise_if_nothing_evaluated
     from .protocol import published_lines, protocol_line

@@ -9,6 +9,8 @@ import signal
 import sys
 from pathlib import Path
 
+from annotations import AnnotationError
+
 from .batch import FORMATS, LABELME_DIR, REPORT
 from .prelabel import DEFAULT_MIN_AREA, DEFAULT_TOLERANCE
 
@@ -50,8 +52,6 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
-    import annotations
-
     from .batch import PredictError, StopFlag, predict_files
     from .cli import segmenter_from_args
     from .distributed import init_distributed
@@ -61,7 +61,7 @@ def run(args) -> int:
         raise PredictError("--no-copy-image cannot point at images inside a .zip; drop it or use --embed-image")
     try:
         names = read_name_map(args.map) if args.map else None
-    except annotations.AnnotationError as exc:
+    except AnnotationError as exc:
         raise PredictError(f"--map: {exc}") from exc
     rank, world, started = init_distributed(args.device)
     try:

@@ -14,6 +14,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from annotations import get_label_space
+
 from .errors import DownloadError
 from .model import BGR_MEAN
 
@@ -51,8 +53,6 @@ class Weights:
         return cache_dir() / self.filename
 
     def label_space(self):
-        from annotations import get_label_space
-
         return get_label_space(self.label_space_name)
 
     def fetch(self, *, progress: bool = True) -> Path:

@@ -329,7 +329,7 @@ def test_evaluate_with_the_reference_protocol(client, app_files, tmp_path):
 def test_compare_api_matches_segcore_compare(client, app_files, tmp_path):
     """/compare: two checkpoints (one uploaded) on the same labelme zip, as segcore.compare computes it."""
     import segcore
-    from segcore.compare import compare
+    from segcore.comparison import compare
 
     _, ckpt = app_files
     other = tiny_checkpoint(tmp_path / "other.pth", seed=9)

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from factories import TINY_BLOCKS, TINY_WIDTH, randomize_, tiny_checkpoint, tiny_model
 
-from segcore import CheckpointError, build_model, load_model, read_checkpoint, save_checkpoint
+from segcore import CheckpointError, build_model, load_model
+from segcore.checkpoint import read_checkpoint, save_checkpoint
 from segcore.checkpoint import load_state_strict
 
 

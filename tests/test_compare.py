@@ -173,7 +173,7 @@ def test_torchrun_compare_gives_the_same_comparison(tmp_path, voc, ckpts):
 
 def test_grouped_bars_show_each_model_and_mark_absent_classes(tmp_path, voc, ckpts):
     from segcore import Segmenter, open_dataset
-    from segcore.compare import compare, comparison_figures
+    from segcore.comparison import compare, comparison_figures
 
     segs = [Segmenter.from_pretrained(ckpts[k], scales=(), device="cpu", precision="fp32") for k in "ab"]
     result = compare(segs, open_dataset(voc, "voc"), labels=["a", "b"], progress=False)

@@ -19,7 +19,7 @@ from test_datasets import _voc, labelme_folder, random_label, save_palette_png
 import annotations as A
 from segcore.cli import main
 from segcore.datasets import SegmentationDataset, open_dataset
-from segcore.evaluate import EvaluationError, evaluate
+from segcore.evaluation import EvaluationError, evaluate
 
 TEST_SIZE = 65
 

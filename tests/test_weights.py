@@ -7,7 +7,8 @@ import pytest
 import torch
 from factories import tiny_model
 
-from segcore import REGISTRY, DownloadError, Segmenter, Weights, cache_dir, download, load_model
+from segcore import REGISTRY, DownloadError, Segmenter, load_model
+from segcore.weights import Weights, cache_dir, download
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):

@@ -194,7 +194,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_run_checkpoint(path: Path, state_dict: dict, meta: dict, train_state: dict | None = None) -> Path:
-    """Atomic checkpoint write (see ``segcore.save_checkpoint``); a failure says whether the old file survives."""
+    """Atomic checkpoint write (see ``segcore.checkpoint.save_checkpoint``); a failure says whether the old file survives."""
     path = Path(path)
     try:
         return save_checkpoint(path, state_dict, meta, extra={"train_state": train_state} if train_state else None)
@@ -350,8 +350,8 @@ def evaluate(model: nn.Module, dataset, class_names, device, *, precision: str =
     ``python -m segcore evaluate`` uses for the dataset's format, so the mIoU logged here is the one
     that command reports for the saved checkpoint. Shards over ranks; an unreadable or mislabelled
     validation image stops the run with its file named."""
-    from segcore.evaluate import evaluate as evaluate_dataset
-    from segcore.evaluate import failure_text
+    from segcore.evaluation import evaluate as evaluate_dataset
+    from segcore.evaluation import failure_text
     from segcore.segmenter import Segmenter
 
     was_training = model.training
