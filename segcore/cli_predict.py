@@ -54,7 +54,7 @@ def add_arguments(parser):
 def run(args) -> int:
     from .batch import PredictError, StopFlag, predict_files
     from .cli import segmenter_from_args
-    from .distributed import init_distributed
+    from .distributed import torchrun_process
     from .prelabel import read_name_map
 
     if args.no_copy_image and any(p.suffix.lower() == ".zip" for p in args.inputs) and "labelme" in args.formats:
@@ -63,13 +63,7 @@ def run(args) -> int:
         names = read_name_map(args.map) if args.map else None
     except AnnotationError as exc:
         raise PredictError(f"--map: {exc}") from exc
-    rank, world, started = init_distributed(args.device)
-    try:
-        if world > 1 and args.device == "auto":
-            import torch
-
-            if torch.cuda.is_available():
-                args.device = f"cuda:{torch.cuda.current_device()}"
+    with torchrun_process(args.device) as (rank, world, args.device):
         segmenter = segmenter_from_args(args)
         stop = StopFlag()
         with stop.on_signals(signal.SIGTERM):
@@ -84,11 +78,6 @@ def run(args) -> int:
         if result.stopped:
             return 128 + signal.SIGTERM
         return result.exit_code
-    finally:
-        if started:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
 
 
 def _summary(args, result) -> None:

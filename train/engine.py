@@ -20,6 +20,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from segcore.checkpoint import read_checkpoint_file, save_checkpoint
+from segcore.distributed import barrier
 from segcore.evaluation import evaluate as evaluate_dataset
 from segcore.evaluation import failure_text
 from segcore.model import build_model
@@ -41,7 +42,6 @@ from .run_log import MetricsLog, add_scalars, iteration_record, make_writer
 from .runtime import (
     DistInfo,
     StopFlag,
-    barrier,
     end_runtime,
     rng_state,
     set_rng_state,
@@ -182,10 +182,11 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, info: DistInfo,
     last_path = ckpt_dir / "last.pth"
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-    barrier(info)
+    barrier(info.world_size)
 
     # data
-    train_ds, val_ds = open_datasets(cfg, run_dir, is_main=info.is_main, barrier=lambda: barrier(info))
+    train_ds, val_ds = open_datasets(cfg, run_dir, is_main=info.is_main,
+                                     barrier=lambda: barrier(info.world_size))
     class_names = _class_names(cfg, train_ds)
     n_classes = cfg.model.n_classes or len(class_names)
     if len(class_names) != n_classes:
@@ -371,7 +372,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, info: DistInfo,
             done = s.iterations
             save(last_path, done, True)
             save(ckpt_dir / "final.pth", done, False)
-        barrier(info)
+        barrier(info.world_size)
     finally:
         stop.restore()
         if progress is not None:

@@ -58,11 +58,6 @@ def end_runtime(info: DistInfo) -> None:
         dist.destroy_process_group()
 
 
-def barrier(info: DistInfo) -> None:
-    if info.enabled:
-        dist.barrier()
-
-
 def share_head_statistics(model: nn.Module, info: DistInfo) -> None:
     """Rank 0's running statistics of the head's BatchNorm to every process.
 
