@@ -47,10 +47,16 @@ def unit_interval(text: str) -> float:
     return value
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
-    """Options every model-running command shares."""
-    parser.add_argument("--weights", required=required,
-                        help="registry name (voc12, cocostuff164k, cocostuff10k) or checkpoint path")
+def add_model_arguments(parser: argparse.ArgumentParser, *, required: bool = True,
+                        several: bool = False) -> None:
+    """Options every model-running command shares; ``several``: ``--weights`` takes two or more models."""
+    if several:
+        parser.add_argument("--weights", required=True, nargs="+",
+                            help="two or more registry names or checkpoint paths; "
+                                 "differences are against the first")
+    else:
+        parser.add_argument("--weights", required=required,
+                            help="registry name (voc12, cocostuff164k, cocostuff10k) or checkpoint path")
     parser.add_argument("--crf", action="store_true", help="refine with the dense CRF")
     parser.add_argument("--scales", type=positive_float, nargs="*", default=None,
                         help="extra input scales besides 1.0 (default 0.5 0.75; none for single scale)")
