@@ -20,7 +20,7 @@ from annotations import builtin_label_space, get_label_space, palette_image, voc
 
 from .checkpoint import load_model, resolve_checkpoint
 from .crf import DenseCRF
-from .errors import CheckpointError, LabelCountError, OptionError
+from .errors import LabelCountError, OptionError
 from .image import MAX_IMAGE_PIXELS, load_image, resize_long_side
 from .model import BGR_MEAN, DEFAULT_SCALES, msc_forward
 from .precision import resolve_precision

@@ -38,7 +38,6 @@ class Weights:
     """Published scores in percent (PA, MA, mIoU, FWIoU; mIoU with CRF where given)."""
     url: str = ""
     mean_bgr: tuple = BGR_MEAN
-    test_size: int = 513
     crf: dict = field(default_factory=lambda: dict(DEFAULT_CRF))
     sha256: str | None = None
     dataset_format: str | None = None
