@@ -25,6 +25,8 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    started: bool = False
+    """This process started the process group (so it ends it)."""
 
     @property
     def is_main(self) -> bool:
@@ -33,8 +35,6 @@ class DistInfo:
     @property
     def enabled(self) -> bool:
         return self.world_size > 1
-    started: bool = False
-    """This process started the process group (so it ends it)."""
 
 
 def setup_runtime(device_pref: str) -> tuple[DistInfo, torch.device]:
