@@ -127,7 +127,7 @@ def run(quick: bool) -> dict:
     import numpy as np
     from factories import scene_image, tiny_checkpoint
     from PIL import Image
-    from test_app import running_server
+    from app_server import running_server
 
     clients = 4 if quick else 16
     marks = (20, 40) if quick else (100, 500, 1000)

@@ -7,85 +7,26 @@ annotations called directly, or are computed by hand in the test.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
-import os
 import re
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+from app_server import TEST_SIZE, running_app
 from factories import scene_image, tiny_checkpoint
 from labelme_fixtures import generate_folder, write_labelme
 from PIL import Image
+from video_files import make_video
 
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file
 
-REPO = Path(__file__).resolve().parent.parent
-TEST_SIZE = 65
 MAX_IMAGE_PIXELS = 200_000
 MAX_VIDEO_SECONDS = 3
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def running_app(workdir: Path, weights, **env_extra):
-    """Start ``python app.py`` on 127.0.0.1 and a free port; yield its URL once it answers."""
-    with running_server(workdir, weights, **env_extra) as (url, _):
-        yield url
-
-
-@contextlib.contextmanager
-def running_server(workdir: Path, weights, *args, **env_extra):
-    """:func:`running_app` that also yields the server's process (``(url, proc)``); ``args`` go to app.py."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    env = {**os.environ, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
-           "SEGCORE_WEIGHTS": str(weights), "SEGCORE_HOME": str(workdir / "home"),
-           "SEGCORE_APP_DIR": str(workdir / "app"), "GRADIO_TEMP_DIR": str(workdir / "gradio"),
-           "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
-           **{k: str(v) for k, v in env_extra.items()}}
-    log = workdir / "server.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, str(REPO / "app.py"), *args], cwd=REPO, env=env, stdout=out,
-                                stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the app exited with {proc.returncode}:\n{log.read_text()}")
-            try:
-                with urllib.request.urlopen(url, timeout=2) as r:
-                    # and Gradio's own check of the URL is over: it ends launch() when slow (a busy machine)
-                    if r.status == 200 and b"To create a public link" in log.read_bytes():
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the app did not answer within 180 s:\n{log.read_text()}")
-            time.sleep(0.3)
-        yield url, proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -218,26 +159,10 @@ def test_v3_checkpoint_upload_segments_like_the_segmenter(client, tmp_path):
 # ----------------------------------------------------------------------------- video
 
 
-def write_video(path: Path, frames: int, fps: int = 8, size=(64, 48)) -> Path:
-    import av
-
-    w, h = size
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("mpeg4", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        for i in range(frames):
-            img = np.roll(scene_image(h, w, seed=2), 3 * i, axis=1)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
-    return path
-
-
 def test_segment_video(client, tmp_path):
     import av
 
-    src = write_video(tmp_path / "clip.mp4", frames=12)
+    src = make_video(tmp_path / "clip.mp4", frames=12, size=(64, 48), fps=8, codec="mpeg4")
     out, info = call(client, "/segment_video", handle_file(str(src)), *MODEL, 0.5, 1, 0.0)
     path = out["video"] if isinstance(out, dict) else out
     with av.open(path) as container:
@@ -249,7 +174,7 @@ def test_segment_video(client, tmp_path):
 
 
 def test_cancel_video(client, tmp_path):
-    src = write_video(tmp_path / "longer.mp4", frames=90, fps=30, size=(160, 120))
+    src = make_video(tmp_path / "longer.mp4", frames=90, size=(160, 120), fps=30, codec="mpeg4")
     job = client.submit(handle_file(str(src)), *MODEL, 0.5, 1, 0.0, api_name="/segment_video")
     deadline = time.monotonic() + 120
     while not (job.status().progress_data or job.done()) and time.monotonic() < deadline:
@@ -261,7 +186,8 @@ def test_cancel_video(client, tmp_path):
 
 
 def test_video_limits_and_bad_files(client, tmp_path):
-    long = write_video(tmp_path / "long.mp4", frames=8 * (MAX_VIDEO_SECONDS + 2))
+    long = make_video(tmp_path / "long.mp4", frames=8 * (MAX_VIDEO_SECONDS + 2), size=(64, 48), fps=8,
+                      codec="mpeg4")
     with pytest.raises(Exception, match=r"^long.mp4: 5.0 s long, over the limit of 3 s"):
         call(client, "/segment_video", handle_file(str(long)), *MODEL, 0.5, 1, 0.0)
     junk = tmp_path / "junk.mp4"

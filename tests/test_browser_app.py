@@ -20,7 +20,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve
 from browser_helpers import CHROMIUM_ARGS, REPO, chromium_path, set_fast_options
 from factories import tiny_checkpoint
 from labelme_fixtures import generate_folder
-from test_app import running_app
+from app_server import running_app
 
 pytestmark = pytest.mark.browser
 
