@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def make_clip(path, frames, size=(640, 360), fps=25, audio=True):
     sys.path.insert(0, str(ROOT / "tests"))
-    from test_video import make_video
+    from video_files import make_video
 
     return make_video(path, frames=frames, size=size, fps=fps, audio=audio)
 

@@ -8,9 +8,10 @@ import json
 import numpy as np
 import pytest
 
+from dataset_files import make_voc
 from factories import tiny_checkpoint
 from reference_test_loop import scores as reference_scores
-from test_protocol import make_voc, run_cli
+from segcore_cli import run_cli
 
 SMALL = ((60, 80), (80, 60), (50, 70), (64, 48), (72, 72), (40, 90))
 
