@@ -10,13 +10,14 @@ from __future__ import annotations
 import io
 import json
 import re
+import threading
 import time
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
-from app_server import TEST_SIZE, running_app
+from app_server import TEST_SIZE, free_port, running_app
 from factories import scene_image, tiny_checkpoint
 from labelme_fixtures import generate_folder, write_labelme
 from PIL import Image
@@ -173,16 +174,49 @@ def test_segment_video(client, tmp_path):
     assert "12 frames" in info
 
 
-def test_cancel_video(client, tmp_path):
-    src = make_video(tmp_path / "longer.mp4", frames=90, size=(160, 120), fps=30, codec="mpeg4")
-    job = client.submit(handle_file(str(src)), *MODEL, 0.5, 1, 0.0, api_name="/segment_video")
-    deadline = time.monotonic() + 120
-    while not (job.status().progress_data or job.done()) and time.monotonic() < deadline:
-        time.sleep(0.05)  # wait until frames are being segmented
-    assert not job.done(), "the video finished before it could be cancelled"
-    client.predict(api_name="/cancel_video")  # the same client: the same session
-    video, info = job.result(timeout=120)
-    assert video is None and info.startswith("Cancelled")
+def test_cancel_reaches_a_running_video_job(app_files, tmp_path, monkeypatch):
+    """Cancel stops a job in flight at its next check and leaves no partial video.
+
+    A handshake instead of a race against the clock: the app runs in this process, and its call to
+    segcore's segment_video is held after the first batch until the Cancel request has set the job's flag,
+    so the job can neither finish first nor miss the request."""
+    from demo import AppConfig, build_app, launch
+    from segcore import video as segvideo
+
+    real, started = segvideo.segment_video, threading.Event()
+
+    def held_after_the_first_batch(*args, progress, cancel, **kwargs):
+        def report(done, total):
+            progress(done, total)
+            if not started.is_set():
+                started.set()
+                deadline = time.monotonic() + 120
+                while not cancel():  # waits for the Cancel request, whenever it comes
+                    assert time.monotonic() < deadline, "the Cancel request never reached the job"
+                    time.sleep(0.01)
+
+        return real(*args, progress=report, cancel=cancel, **kwargs)
+
+    monkeypatch.setattr(segvideo, "segment_video", held_after_the_first_batch)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # launch() lowers it process-wide
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+    _, ckpt = app_files
+    demo = build_app(AppConfig(weights=str(ckpt), device="cpu", work_dir=tmp_path / "app"))
+    port = free_port()
+    launch(demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        src = make_video(tmp_path / "clip.mp4", frames=24, size=(64, 48), fps=8, codec="mpeg4")
+        job = client.submit(handle_file(str(src)), *MODEL, 0.5, 1, 0.0, api_name="/segment_video")
+        assert started.wait(120), f"the job never finished its first batch: {job.status()}"
+        client.predict(api_name="/cancel_video")  # the same client: the same session
+        video, info = job.result(timeout=120)
+    finally:
+        demo.close()
+    # batches of 4 frames: the check before the second batch stopped it
+    assert video is None and info == "Cancelled: clip.mp4: cancelled after 4 frames"
+    assert not [p.name for p in (tmp_path / "app").rglob("*.mp4")]
 
 
 def test_video_limits_and_bad_files(client, tmp_path):
