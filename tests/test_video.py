@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import tracemalloc
 from fractions import Fraction
 
@@ -25,15 +26,27 @@ def seg():
 
 def test_output_keeps_frames_size_rate_and_audio(tmp_path, seg):
     src = make_video(tmp_path / "in.mp4", frames=30, size=(96, 64), fps=15, audio=True)
-    calls = []
-    res = segment_video(seg, src, tmp_path / "out.mp4", batch_size=4, progress=lambda d, t: calls.append((d, t)))
+    calls, model_calls = [], []
+    timed = seg.with_options()
+    model = timed.logits
+
+    def logits(batch):  # the Segmenter's model call, timed from outside
+        start = time.perf_counter()
+        try:
+            return model(batch)
+        finally:
+            model_calls.append(time.perf_counter() - start)
+
+    timed.logits = logits
+    res = segment_video(timed, src, tmp_path / "out.mp4", batch_size=4, progress=lambda d, t: calls.append((d, t)))
     assert isinstance(res, VideoResult) and res.path == tmp_path / "out.mp4"
     n, size, rate, has_audio, codec, frames = read_video(res.path)
     assert (n, size, rate, has_audio, codec) == (30, (96, 64), Fraction(15), True, "h264")
     assert (res.frames, res.width, res.height, res.audio) == (30, 96, 64, True)
     assert res.fps == pytest.approx(15)
-    assert res.model_seconds > 0  # the model's share was measured
-    assert calls[-1] == (30, 30) and [d for d, _ in calls] == sorted(d for d, _ in calls) and len(calls) >= 8
+    assert calls == [(done, 30) for done in (4, 8, 12, 16, 20, 24, 28, 30)]  # after every batch of 4
+    # the model's share: every model call of the 8 batches, and not the decoding and encoding around them
+    assert len(model_calls) == 8 and sum(model_calls) <= res.model_seconds < res.seconds
     # opacity 1 shows the class colours: the decoded frame is close to a palette colour everywhere
     res1 = segment_video(seg, src, tmp_path / "solid.mp4", opacity=1.0)
     first = read_video(res1.path)[5][0].astype(int)
