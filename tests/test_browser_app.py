@@ -75,7 +75,8 @@ def test_webcam_stream_segments_the_camera_frames(page):
     page.locator("#webcam-input button.capture-button").click()
     sizes = page.wait_for_function("""() => {
         const rate = document.querySelector('#webcam-fps').innerText.trim();
-        const v = document.querySelector('#webcam-input video'), i = document.querySelector('#webcam-output img');
+        const v = document.querySelector('#webcam-input video');
+        const i = document.querySelector('#webcam-output img');
         if (!/^[0-9]+\\.[0-9] frames\\/s$/.test(rate) || !i || !i.complete || !i.naturalWidth) return null;
         return {camera: [v.videoWidth, v.videoHeight], segmented: [i.naturalWidth, i.naturalHeight]};
     }""").json_value()

@@ -1,6 +1,6 @@
-"""Shared test set-up lives in helper modules (tests/factories.py, app_server.py, dataset_files.py, ...), never
-in a test module: no test module or benchmark imports another test module, so running, moving or deleting one
-test file cannot break another.
+"""Shared test set-up lives in helper modules (tests/factories.py, app_server.py, dataset_files.py, ...),
+never in a test module: no test module or benchmark imports a test module, so running, moving or deleting
+one test file cannot break another.
 
 Every import statement is read (function-local ones too), as in tests/test_layout.py.
 """
@@ -54,4 +54,5 @@ def test_the_checker_sees_an_import_from_a_test_module(tmp_path):
     (tmp_path / "benchmarks" / "bench_x.py").write_text("import tests.test_b\nfrom tests import factories\n")
     (tmp_path / "benchmarks" / "bench_y.py").write_text("from tests import test_a\n")
     assert _violations(tmp_path) == ["benchmarks/bench_x.py imports tests.test_b",
-                                     "benchmarks/bench_y.py imports tests.test_a", "tests/test_b.py imports test_a"]
+                                     "benchmarks/bench_y.py imports tests.test_a",
+                                     "tests/test_b.py imports test_a"]

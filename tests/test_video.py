@@ -38,7 +38,8 @@ def test_output_keeps_frames_size_rate_and_audio(tmp_path, seg):
             model_calls.append(time.perf_counter() - start)
 
     timed.logits = logits
-    res = segment_video(timed, src, tmp_path / "out.mp4", batch_size=4, progress=lambda d, t: calls.append((d, t)))
+    res = segment_video(timed, src, tmp_path / "out.mp4", batch_size=4,
+                        progress=lambda done, total: calls.append((done, total)))
     assert isinstance(res, VideoResult) and res.path == tmp_path / "out.mp4"
     n, size, rate, has_audio, codec, frames = read_video(res.path)
     assert (n, size, rate, has_audio, codec) == (30, (96, 64), Fraction(15), True, "h264")

@@ -71,7 +71,8 @@ def _published(url: str) -> tuple[dict, dict]:
     assert "&#10003;" in rows[at + 1]  # the row below is the same weights with the CRF
 
     def scores(row):
-        cells = [re.sub(r"<[^>]+>", "", cell).strip() for cell in re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)]
+        cells = [re.sub(r"<[^>]+>", "", cell).strip() for cell in
+                 re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)]
         numbers = [float(cell) for cell in cells if re.fullmatch(r"\d+\.\d+", cell)]
         assert len(numbers) == len(SCORE_COLUMNS), row
         return dict(zip(SCORE_COLUMNS, numbers))
