@@ -152,7 +152,7 @@ def test_a_v3_checkpoint_serves_predict_evaluate_and_video(tmp_path):
     import numpy as np
     from factories import scene_image
     from PIL import Image
-    from test_video import make_video, read_video
+    from video_files import make_video, read_video
 
     from segcore import Segmenter, evaluate, open_dataset, segment_video
 
