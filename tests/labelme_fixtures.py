@@ -143,3 +143,17 @@ def generate_folder(root: Path, n_files: int, seed: int = 0, size=(160, 120), n_
         fmt = "JPEG" if i % 3 == 1 else "PNG"
         out.append(write_labelme(root / f"img_{i:04d}.json", shapes, img, embed=embed, fmt=fmt))
     return out
+
+
+def costly_labelme(path: Path, *, side: int = 2000, crossings_per_row: float = 900, seed: int = 0,
+                   **write_kw) -> Path:
+    """A labelme file that is legitimately expensive within the caps: one polygon of random vertices over a
+    blank ``side`` x ``side`` image (a few kilobytes of PNG), with enough vertices for its edges to cross
+    about ``crossings_per_row`` image rows per row (annotations.ShapeWork allows 1,000), i.e. about a
+    second of Pillow drawing at 25 megapixels. Integer coordinates keep the JSON small; ``write_kw`` go
+    to :func:`write_labelme` (``embed=False, image_name="blank.png"``: one image shared by many files)."""
+    rng = np.random.default_rng(seed)
+    n = max(3, int(3 * crossings_per_row))  # an edge between uniform random heights crosses side/3 rows
+    points = rng.integers(0, side, size=(n, 2)).tolist()
+    shapes = [{"label": "cat", "points": points, "shape_type": "polygon", "group_id": None, "flags": {}}]
+    return write_labelme(path, shapes, np.zeros((side, side, 3), np.uint8), **write_kw)

@@ -5,6 +5,7 @@ and 16 concurrent clients get every answer.
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 import threading
 import time
@@ -12,10 +13,9 @@ import urllib.request
 from pathlib import Path
 
 import gradio as gr
-import numpy as np
 import pytest
 from factories import scene_image, tiny_checkpoint
-from labelme_fixtures import generate_folder, write_labelme
+from labelme_fixtures import costly_labelme, generate_folder
 from PIL import Image
 from test_app import TEST_SIZE, running_server, write_video
 
@@ -52,11 +52,16 @@ def segment(c: Client, image: Path, weights="tiny.pth"):
     return c.predict(handle_file(str(image)), weights, False, False, TEST_SIZE, 0.5, api_name="/segment_image")
 
 
-def hostile_labelme(folder: Path) -> Path:
-    """One circle whose drawing holds the interpreter for over a minute (labelme accepts its coordinates)."""
-    shapes = [{"label": "cat", "points": [[0, 0], [999990, 0]], "shape_type": "circle", "group_id": None,
-               "flags": {}}]
-    return write_labelme(folder / "circle.json", shapes, np.zeros((40, 40, 3), np.uint8))
+def costly_request(folder: Path, files: int = 60) -> list[Path]:
+    """Labelme files within every cap (25-megapixel image, shapes under annotations.ShapeWork's bound), each
+    about a second of drawing that holds the interpreter, sharing one blank image: together they run far
+    past the test server's time limit."""
+    first = costly_labelme(folder / "costly_00.json", side=5000, embed=False, image_name="blank.png")
+    copies = [first]
+    for i in range(1, files):
+        copies.append(folder / f"costly_{i:02}.json")
+        shutil.copyfile(first, copies[-1])
+    return [*copies, folder / "blank.png"]
 
 
 # ----------------------------------------------------------------------------- uploads
@@ -190,12 +195,13 @@ def test_each_request_writes_its_own_result_files(server, tmp_path):
 
 
 def test_other_clients_are_answered_while_a_hostile_request_runs(server, tmp_path):
-    url, _ = server
-    bomb = hostile_labelme(tmp_path)
+    url, root = server
+    jobs, before = root / "app" / "jobs", files_under(root / "app" / "jobs")
+    upload = [handle_file(str(p)) for p in costly_request(tmp_path)]
     attacker, visitor = client(server), client(server)
-    evaluation = attacker.submit("Model on labelme annotations", [handle_file(str(bomb))], None, None, "voc", None,
+    evaluation = attacker.submit("Model on labelme annotations", upload, None, None, "voc", None,
                                  "error", "tiny.pth", False, False, TEST_SIZE, api_name="/evaluate")
-    conversion = attacker.submit([handle_file(str(bomb))], "voc", "error", None, None, False, api_name="/convert")
+    conversion = attacker.submit(upload, "voc", "error", None, None, False, api_name="/convert")
     deadline = time.monotonic() + 60
     while not all(j.done() or j.status().code.name in ("PROCESSING", "PROGRESS") for j in (evaluation, conversion)):
         assert time.monotonic() < deadline, "the hostile requests never started"
@@ -209,12 +215,21 @@ def test_other_clients_are_answered_while_a_hostile_request_runs(server, tmp_pat
             assert r.status == 200
         assert time.monotonic() - start < 10
 
-    # stopped at the time limit with its message, or (once shapes are clipped before drawing) a bounded result
-    for job in (evaluation, conversion):
-        try:
+    for job in (evaluation, conversion):  # both stopped at the time limit, with its message
+        with pytest.raises(Exception, match=f"time limit of {TIME_LIMIT} s"):
             job.result(timeout=120)
-        except Exception as exc:  # noqa: BLE001 - the message is what is checked
-            assert f"time limit of {TIME_LIMIT} s" in str(exc)
+    left = {f for f in files_under(jobs) - before if not f.startswith("image-")}  # the visitor's results aside
+    assert left == set()  # nothing of the hostile jobs is left
+
+
+def test_shapes_too_costly_to_draw_are_refused_per_file(server, tmp_path):
+    c = client(server)
+    ok = costly_labelme(tmp_path / "fine.json", side=400, crossings_per_row=100)
+    over = costly_labelme(tmp_path / "costly.json", side=400, crossings_per_row=3000)
+    dataset, text, _ = c.predict([handle_file(str(ok)), handle_file(str(over))], "voc", "error", None, None, False,
+                                 api_name="/convert")
+    assert Path(dataset).is_file()
+    assert "costly.json" in text and "drawing them would take too long" in text
 
 
 def test_busy_and_time_limit_messages(tmp_path):
