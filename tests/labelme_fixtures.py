@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -157,3 +158,15 @@ def costly_labelme(path: Path, *, side: int = 2000, crossings_per_row: float = 9
     points = rng.integers(0, side, size=(n, 2)).tolist()
     shapes = [{"label": "cat", "points": points, "shape_type": "polygon", "group_id": None, "flags": {}}]
     return write_labelme(path, shapes, np.zeros((side, side, 3), np.uint8), **write_kw)
+
+
+def costly_request(folder: Path, files: int = 60) -> list[Path]:
+    """What a hostile visitor uploads at once: :func:`costly_labelme` files within every cap (25-megapixel
+    image, shapes under the work bound), about a second of drawing each, sharing one blank image; together
+    they run far past a short time limit."""
+    first = costly_labelme(Path(folder) / "costly_00.json", side=5000, embed=False, image_name="blank.png")
+    copies = [first]
+    for i in range(1, files):
+        copies.append(Path(folder) / f"costly_{i:02}.json")
+        shutil.copyfile(first, copies[-1])
+    return [*copies, Path(folder) / "blank.png"]

@@ -5,7 +5,6 @@ and 16 concurrent clients get every answer.
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 import threading
 import time
@@ -15,7 +14,7 @@ from pathlib import Path
 import gradio as gr
 import pytest
 from factories import scene_image, tiny_checkpoint
-from labelme_fixtures import costly_labelme, generate_folder
+from labelme_fixtures import costly_labelme, costly_request, generate_folder
 from PIL import Image
 from test_app import TEST_SIZE, running_server, write_video
 
@@ -50,18 +49,6 @@ def png(path: Path, h=40, w=48, seed=0) -> Path:
 
 def segment(c: Client, image: Path, weights="tiny.pth"):
     return c.predict(handle_file(str(image)), weights, False, False, TEST_SIZE, 0.5, api_name="/segment_image")
-
-
-def costly_request(folder: Path, files: int = 60) -> list[Path]:
-    """Labelme files within every cap (25-megapixel image, shapes under annotations.ShapeWork's bound), each
-    about a second of drawing that holds the interpreter, sharing one blank image: together they run far
-    past the test server's time limit."""
-    first = costly_labelme(folder / "costly_00.json", side=5000, embed=False, image_name="blank.png")
-    copies = [first]
-    for i in range(1, files):
-        copies.append(folder / f"costly_{i:02}.json")
-        shutil.copyfile(first, copies[-1])
-    return [*copies, folder / "blank.png"]
 
 
 # ----------------------------------------------------------------------------- uploads
