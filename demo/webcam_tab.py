@@ -31,10 +31,9 @@ class WebcamImage(gr.Image):
     """
 
     is_template = True  # the browser draws it as a plain Image
-
-    def __init__(self, *args, max_pixels: int | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.max_pixels = max_pixels
+    max_pixels: int | None = None
+    """The app's pixel cap, set on the instance (Gradio sends the browser the arguments of ``gr.Image``'s
+    own ``__init__``, so this class adds none)."""
 
     def preprocess(self, payload):
         source = None if payload is None else frame_source(payload)
@@ -61,7 +60,8 @@ def build(ctx: Context) -> None:
                     "Frames that arrive while one is being segmented are dropped, so the picture stays current.")
         with gr.Row():
             camera = WebcamImage(label="Camera", sources=["webcam"], streaming=True, type="numpy",
-                                 elem_id="webcam-input", height=360, max_pixels=ctx.config.max_image_pixels)
+                                 elem_id="webcam-input", height=360)
+            camera.max_pixels = ctx.config.max_image_pixels
             live = gr.Image(label="Segmentation", interactive=False, format="jpeg", elem_id="webcam-output",
                             height=360)
         with gr.Row():
