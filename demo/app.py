@@ -79,14 +79,23 @@ def bound_image_decoding(max_pixels: int | None) -> None:
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
 
 
-def fewer_malloc_arenas(arenas: int = 2) -> None:
-    """Cap glibc's malloc arenas (like ``MALLOC_ARENA_MAX``): with one arena per worker thread, memory freed
-    by one request stays in its thread's heap and the server's RSS keeps creeping up under load."""
+def tune_malloc(arenas: int = 2, mmap_threshold: int = 1 << 20, trim_threshold: int = 4 << 20) -> None:
+    """Make glibc's malloc give freed request buffers back to the system, so the server's RSS levels off.
+
+    Each request allocates and frees image arrays and tensors of a few hundred kB to a few MB. By default
+    glibc raises its mmap threshold (up to 32 MiB) after such a buffer is freed, so later ones come from
+    the heaps, where fragmentation keeps them resident; and each worker thread may get its own heap.
+    Here: at most ``arenas`` heaps (like ``MALLOC_ARENA_MAX``), buffers of ``mmap_threshold`` bytes and
+    more mapped on their own (returned on free), free heap tops past ``trim_threshold`` trimmed
+    (measurements in docs/app.md, Hosting)."""
     import ctypes
     import ctypes.util
 
     try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt(-8, arenas)  # M_ARENA_MAX
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-8, arenas)  # M_ARENA_MAX
+        libc.mallopt(-3, mmap_threshold)  # M_MMAP_THRESHOLD (fixed: no longer raised after frees)
+        libc.mallopt(-1, trim_threshold)  # M_TRIM_THRESHOLD
     except (OSError, AttributeError):  # not glibc: nothing to do
         pass
 
@@ -94,7 +103,7 @@ def fewer_malloc_arenas(arenas: int = 2) -> None:
 def launch(demo: gr.Blocks, *, server_name: str | None = None, server_port: int | None = None, **kwargs):
     """``demo.launch`` with the app's upload cap, allowed folders and theme."""
     cfg: AppConfig = demo.segcore.config
-    fewer_malloc_arenas()
+    tune_malloc()
     bound_image_decoding(cfg.max_image_pixels)
     return_at_once = kwargs.pop("prevent_thread_lock", False)
     result = demo.launch(server_name=server_name, server_port=server_port, max_file_size=cfg.max_file_size,
