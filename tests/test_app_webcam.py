@@ -48,6 +48,8 @@ class WebcamStream:
         self.settings = [weights, opacity, test_size]
         self.session = uuid.uuid4().hex
         self.event_id = None
+        self.last = None
+        """The latest ``process_streaming`` or ``process_completed`` message."""
         self._messages = None
 
     def _body(self, frame: dict) -> dict:
@@ -78,20 +80,20 @@ class WebcamStream:
     def _next(self) -> dict:
         for message in self._messages:
             if message["msg"] in ("process_streaming", "process_completed"):
+                self.last = message
                 return message
         raise AssertionError("the event stream ended without an answer")
 
     def close(self) -> dict | None:
-        """Stop the camera; returns the stream's final message."""
-        last = None
+        """Stop the camera (unless the server ended the stream); returns the stream's final message."""
         if self.event_id is not None:
-            self.http.post(f"stream/{self.event_id}/close").raise_for_status()
-            last = self._next()
-            while last["msg"] != "process_completed":
-                last = self._next()
+            if self.last is None or self.last["msg"] != "process_completed":
+                self.http.post(f"stream/{self.event_id}/close").raise_for_status()
+                while self._next()["msg"] != "process_completed":
+                    pass
             self._response.__exit__(None, None, None)
         self.http.close()
-        return last
+        return self.last
 
     def image(self, message: dict) -> np.ndarray:
         """The segmented frame a ``process_streaming`` message points to, downloaded as the browser does."""
@@ -142,7 +144,7 @@ def test_over_cap_frame_is_refused_and_others_are_still_answered(server, first):
             assert_segmented(attacker, attacker.send(payload), frame, ckpt)
         refused = attacker.send(big)
     finally:
-        attacker.http.close()
+        attacker.close()
     assert refused["msg"] == "process_completed" and not refused["success"]
     error = refused["output"]["error"]
     assert error and error.startswith("webcam frame:"), error
