@@ -12,6 +12,7 @@ from . import convert_tab, evaluate_tab, image_tab, prelabel_tab, video_tab, web
 from .common import EXAMPLES_DIR, AppConfig
 from .isolation import warm_up
 from .jobs import Jobs, JobDirs, TempSpace
+from .memory import tune_malloc
 from .models import ModelStore
 from .panel import Context, build_panel, remember_uploads
 
@@ -77,27 +78,6 @@ def bound_image_decoding(max_pixels: int | None) -> None:
     if max_pixels:
         Image.MAX_IMAGE_PIXELS = max_pixels // 2
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-
-
-def tune_malloc(arenas: int = 2, mmap_threshold: int = 1 << 20, trim_threshold: int = 4 << 20) -> None:
-    """Make glibc's malloc give freed request buffers back to the system, so the server's RSS levels off.
-
-    Each request allocates and frees image arrays and tensors of a few hundred kB to a few MB. By default
-    glibc raises its mmap threshold (up to 32 MiB) after such a buffer is freed, so later ones come from
-    the heaps, where fragmentation keeps them resident; and each worker thread may get its own heap.
-    Here: at most ``arenas`` heaps (like ``MALLOC_ARENA_MAX``), buffers of ``mmap_threshold`` bytes and
-    more mapped on their own (returned on free), free heap tops past ``trim_threshold`` trimmed
-    (measurements in docs/app.md, Hosting)."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(-8, arenas)  # M_ARENA_MAX
-        libc.mallopt(-3, mmap_threshold)  # M_MMAP_THRESHOLD (fixed: no longer raised after frees)
-        libc.mallopt(-1, trim_threshold)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
 
 
 def launch(demo: gr.Blocks, *, server_name: str | None = None, server_port: int | None = None, **kwargs):
