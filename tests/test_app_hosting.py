@@ -241,6 +241,16 @@ def test_busy_and_time_limit_messages(tmp_path):
     assert len(ran) == 1 and not ran[0].exists()  # the stopped job's folder is gone
 
 
+def test_heap_is_trimmed_at_most_every_few_seconds():
+    from demo.memory import HeapTrimmer
+
+    trim = HeapTrimmer(every=3600)
+    if trim._libc is None:
+        pytest.skip("not glibc")
+    assert trim() is True and trim() is False  # one trim, then none until the hour is over
+    assert HeapTrimmer(every=0)() is True
+
+
 # ----------------------------------------------------------------------------- load
 
 
