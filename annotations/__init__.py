@@ -42,7 +42,15 @@ from .label_spaces import (
     palette_image,
     voc_colormap,
 )
-from .limits import MAX_IMAGE_PIXELS, ImageTooLargeError, check_pixels, image_size, open_image
+from .limits import (
+    MAX_IMAGE_PIXELS,
+    ImageTooLargeError,
+    ShapeWork,
+    ShapeWorkError,
+    check_pixels,
+    image_size,
+    open_image,
+)
 from .mapping import LabelMapping
 from .rasterize import rasterize, shape_to_mask
 from .reader import Issue, LabelmeFile, Shape, apply_exif_orientation, read_labelme, resolve_image_path
@@ -53,7 +61,7 @@ COCOSTUFF = get_label_space("cocostuff")
 __all__ = [
     "AnnotationError", "COCOSTUFF", "ConversionReport", "ConvertedImage", "DEFAULT_MAX_BYTES",
     "DEFAULT_MAX_FILES", "ExtractionBudget", "IGNORE_INDEX", "ImageLoadError", "ImageTooLargeError",
-    "MAX_IMAGE_PIXELS", "check_pixels", "extracted_zips", "image_size", "open_image", "resolve_image_path",
+    "MAX_IMAGE_PIXELS", "ShapeWork", "ShapeWorkError", "check_pixels", "extracted_zips", "image_size", "open_image", "resolve_image_path",
     "single_top_folder", "Issue", "LabelMapping", "LabelSpace",
     "LabelSpaceError", "LabelmeFile", "LabelmeFormatError", "LoadedDataset", "MappingError",
     "OutputExistsError", "Shape", "UnknownLabelError", "UnsafeArchiveError", "VOC",

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .errors import ImageLoadError, LabelmeFormatError
-from .limits import MAX_IMAGE_PIXELS, open_image
+from .limits import MAX_IMAGE_PIXELS, ShapeWork, open_image
 
 SHAPE_TYPES = ("polygon", "rectangle", "circle", "line", "linestrip", "point", "oriented_rectangle", "mask")
 # Exact point counts labelme requires; a different count is ambiguous -> file error.
@@ -304,10 +304,12 @@ def read_labelme(path: str | Path, *, root: str | Path | None = None,
             raise ImageLoadError(f"{p}: {key} mismatch: declared {declared}, image has {actual}")
 
     shapes: list[Shape] = []
+    work = ShapeWork(w, h, p)  # what drawing and holding the shapes costs is bounded as they are read
     for i, obj in enumerate(raw["shapes"]):
         s = parse_shape(obj, i, p, warnings, max_pixels)
         if s is None:
             continue
+        work.add_shape(s.shape_type, s.points, s.mask, i)
         xs = [pt[0] for pt in s.points]
         ys = [pt[1] for pt in s.points]
         if s.shape_type != "mask" and (min(xs) < 0 or min(ys) < 0 or max(xs) > w or max(ys) > h):

@@ -6,9 +6,10 @@ the results, as a visitor's browser would. Reported: requests/s, p50/p95 latency
 first messages), and the server's resident memory (VmRSS) after 100, 500 and 1000 requests: bounded
 memory means the last figures are close.
 
-Abuse: while a hostile ``/evaluate`` runs (one labelme circle whose drawing holds the interpreter for
-over a minute), another client's plain HTTP requests are timed: the server must keep answering, and the
-hostile request must end at the server's time limit with a message.
+Abuse: while a hostile ``/evaluate`` runs (60 labelme files within every cap, each a 25-megapixel image
+and a polygon whose drawing holds the interpreter about a second), another client's plain HTTP requests
+are timed: the server must keep answering, and the hostile request must end at the server's time limit
+with a message.
 """
 
 from __future__ import annotations
@@ -33,14 +34,7 @@ def _rss(pid: int) -> float:
     return round(current_rss_mb(pid), 1)
 
 
-def hostile_labelme(folder: Path) -> Path:
-    """One circle centred on the image corner with a radius of 999,990 px (labelme accepts it)."""
-    import numpy as np
-    from labelme_fixtures import write_labelme
-
-    shapes = [{"label": "cat", "points": [[0, 0], [999990, 0]], "shape_type": "circle", "group_id": None,
-               "flags": {}}]
-    return write_labelme(folder / "circle.json", shapes, np.zeros((40, 40, 3), np.uint8))
+HOSTILE_FILES = 60
 
 
 def load(url: str, pid: int, image: Path, clients: int, requests: int, marks, downloads: Path) -> dict:
@@ -97,12 +91,14 @@ def load(url: str, pid: int, image: Path, clients: int, requests: int, marks, do
 def abuse(url: str, folder: Path) -> dict:
     """A hostile /evaluate in one client; plain GET /config from another, timed, until it ends."""
     from gradio_client import Client, handle_file
+    from labelme_fixtures import costly_request
 
-    bomb = hostile_labelme(folder)
+    files = costly_request(folder, HOSTILE_FILES)
     client = Client(url, verbose=False, httpx_kwargs={"timeout": 300}, download_files=str(folder))
     start = time.perf_counter()
-    job = client.submit("Model on labelme annotations", [handle_file(str(bomb))], None, None, "voc", None,
-                        "error", "tiny.pth", False, False, TEST_SIZE, api_name="/evaluate")
+    upload = [handle_file(str(p)) for p in files]
+    job = client.submit("Model on labelme annotations", upload, None, None, "voc", None, "error", "tiny.pth",
+                        False, False, TEST_SIZE, api_name="/evaluate")
     waits = []
     while not job.done():
         t = time.perf_counter()
@@ -115,7 +111,8 @@ def abuse(url: str, folder: Path) -> dict:
         answer = "finished"
     except Exception as exc:  # noqa: BLE001 - the expected outcome: the time limit's message
         answer = str(exc)[:160]
-    return {"hostile": "labelme circle, radius 999,990 px, /evaluate", "time_limit_s": TIME_LIMIT,
+    return {"hostile": f"/evaluate of {HOSTILE_FILES} labelme files, 25 MP each, shapes just under the work bound",
+            "time_limit_s": TIME_LIMIT,
             "hostile_seconds": round(time.perf_counter() - start, 1), "hostile_answer": answer,
             "other_requests": len(waits), "other_latency_max_s": round(max(waits, default=0.0), 3),
             "other_latency_p50_s": round(statistics.median(waits), 3) if waits else None}

@@ -12,6 +12,7 @@ from . import convert_tab, evaluate_tab, image_tab, prelabel_tab, video_tab, web
 from .common import EXAMPLES_DIR, AppConfig
 from .isolation import warm_up
 from .jobs import Jobs, JobDirs, TempSpace
+from .memory import tune_malloc
 from .models import ModelStore
 from .panel import Context, build_panel, remember_uploads
 
@@ -79,22 +80,10 @@ def bound_image_decoding(max_pixels: int | None) -> None:
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
 
 
-def fewer_malloc_arenas(arenas: int = 2) -> None:
-    """Cap glibc's malloc arenas (like ``MALLOC_ARENA_MAX``): with one arena per worker thread, memory freed
-    by one request stays in its thread's heap and the server's RSS keeps creeping up under load."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt(-8, arenas)  # M_ARENA_MAX
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
-
-
 def launch(demo: gr.Blocks, *, server_name: str | None = None, server_port: int | None = None, **kwargs):
     """``demo.launch`` with the app's upload cap, allowed folders and theme."""
     cfg: AppConfig = demo.segcore.config
-    fewer_malloc_arenas()
+    tune_malloc()
     bound_image_decoding(cfg.max_image_pixels)
     return_at_once = kwargs.pop("prevent_thread_lock", False)
     result = demo.launch(server_name=server_name, server_port=server_port, max_file_size=cfg.max_file_size,

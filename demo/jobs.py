@@ -29,6 +29,7 @@ import annotations
 
 from .common import WorkDir
 from .isolation import read_every_item, run_isolated
+from .memory import trim_heap
 
 BUSY = "Server busy: its temporary space is full. Try again in a few minutes."
 
@@ -222,6 +223,7 @@ class Jobs:
                 _current.reset(token)
                 for close in job.closers:
                     close()
+                trim_heap()  # the job's buffers are free now: give their pages back (throttled)
             self.work.finish(job, result)
             return result
 

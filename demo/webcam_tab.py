@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import time
 from collections import OrderedDict
 
 import gradio as gr
 
-from .common import user_errors
+import segcore
+
+from .common import UserError, user_errors
 from .panel import Context, model_for
 
 STREAM_EVERY = 0.2
@@ -18,13 +22,46 @@ STREAM_SECONDS = 120
 """One webcam session's turn (concurrency 1): then the next session in the queue gets the model."""
 
 
+class WebcamImage(gr.Image):
+    """``gr.Image`` whose frames meet the pixel cap, checked from their header before Gradio decodes them.
+
+    Gradio decodes a streamed frame (a JPEG data URL, or an uploaded file through the API) itself, before
+    the event function runs; Pillow's own cap refused a huge one there, but the user read a bare "Error".
+    Here the frame's size is read from its header and an over-cap frame gets the cap's message.
+    """
+
+    is_template = True  # the browser draws it as a plain Image
+    max_pixels: int | None = None
+    """The app's pixel cap, set on the instance (Gradio sends the browser the arguments of ``gr.Image``'s
+    own ``__init__``, so this class adds none)."""
+
+    def preprocess(self, payload):
+        source = None if payload is None else frame_source(payload)
+        if source is not None:
+            with user_errors("webcam frame"):
+                segcore.check_image_size(source, max_pixels=self.max_pixels, name="webcam frame")
+        return super().preprocess(payload)
+
+
+def frame_source(payload):
+    """What a frame's header can be read from: the bytes of its data URL, or its uploaded file."""
+    url = payload.url or ""
+    if url.startswith("data:"):
+        try:
+            return base64.b64decode(url.partition(",")[2], validate=False)
+        except (binascii.Error, ValueError) as exc:
+            raise UserError(f"webcam frame: not a base64 data URL ({exc})") from exc
+    return payload.path
+
+
 def build(ctx: Context) -> None:
     with gr.Tab("Webcam", id="webcam"):
         gr.Markdown("Live segmentation of your camera: single scale, no CRF and a small test size for speed. "
                     "Frames that arrive while one is being segmented are dropped, so the picture stays current.")
         with gr.Row():
-            camera = gr.Image(label="Camera", sources=["webcam"], streaming=True, type="numpy",
-                              elem_id="webcam-input", height=360)
+            camera = WebcamImage(label="Camera", sources=["webcam"], streaming=True, type="numpy",
+                                 elem_id="webcam-input", height=360)
+            camera.max_pixels = ctx.config.max_image_pixels
             live = gr.Image(label="Segmentation", interactive=False, format="jpeg", elem_id="webcam-output",
                             height=360)
         with gr.Row():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -143,3 +144,29 @@ def generate_folder(root: Path, n_files: int, seed: int = 0, size=(160, 120), n_
         fmt = "JPEG" if i % 3 == 1 else "PNG"
         out.append(write_labelme(root / f"img_{i:04d}.json", shapes, img, embed=embed, fmt=fmt))
     return out
+
+
+def costly_labelme(path: Path, *, side: int = 2000, crossings_per_row: float = 900, seed: int = 0,
+                   **write_kw) -> Path:
+    """A labelme file that is legitimately expensive within the caps: one polygon of random vertices over a
+    blank ``side`` x ``side`` image (a few kilobytes of PNG), with enough vertices for its edges to cross
+    about ``crossings_per_row`` image rows per row (annotations.ShapeWork allows 1,000), i.e. about a
+    second of Pillow drawing at 25 megapixels. Integer coordinates keep the JSON small; ``write_kw`` go
+    to :func:`write_labelme` (``embed=False, image_name="blank.png"``: one image shared by many files)."""
+    rng = np.random.default_rng(seed)
+    n = max(3, int(3 * crossings_per_row))  # an edge between uniform random heights crosses side/3 rows
+    points = rng.integers(0, side, size=(n, 2)).tolist()
+    shapes = [{"label": "cat", "points": points, "shape_type": "polygon", "group_id": None, "flags": {}}]
+    return write_labelme(path, shapes, np.zeros((side, side, 3), np.uint8), **write_kw)
+
+
+def costly_request(folder: Path, files: int = 60) -> list[Path]:
+    """What a hostile visitor uploads at once: :func:`costly_labelme` files within every cap (25-megapixel
+    image, shapes under the work bound), about a second of drawing each, sharing one blank image; together
+    they run far past a short time limit."""
+    first = costly_labelme(Path(folder) / "costly_00.json", side=5000, embed=False, image_name="blank.png")
+    copies = [first]
+    for i in range(1, files):
+        copies.append(Path(folder) / f"costly_{i:02}.json")
+        shutil.copyfile(first, copies[-1])
+    return [*copies, Path(folder) / "blank.png"]

@@ -12,11 +12,10 @@ import urllib.request
 from pathlib import Path
 
 import gradio as gr
-import numpy as np
 import pytest
 from app_server import TEST_SIZE, running_server
 from factories import scene_image, tiny_checkpoint
-from labelme_fixtures import generate_folder, write_labelme
+from labelme_fixtures import costly_labelme, costly_request, generate_folder
 from PIL import Image
 from video_files import make_video
 
@@ -51,13 +50,6 @@ def png(path: Path, h=40, w=48, seed=0) -> Path:
 
 def segment(c: Client, image: Path, weights="tiny.pth"):
     return c.predict(handle_file(str(image)), weights, False, False, TEST_SIZE, 0.5, api_name="/segment_image")
-
-
-def hostile_labelme(folder: Path) -> Path:
-    """One circle whose drawing holds the interpreter for over a minute (labelme accepts its coordinates)."""
-    shapes = [{"label": "cat", "points": [[0, 0], [999990, 0]], "shape_type": "circle", "group_id": None,
-               "flags": {}}]
-    return write_labelme(folder / "circle.json", shapes, np.zeros((40, 40, 3), np.uint8))
 
 
 # ----------------------------------------------------------------------------- uploads
@@ -143,6 +135,32 @@ def test_jobs_leave_only_their_results(server, tmp_path):
     assert files_under(jobs) == before  # the cancelled job's half-written video is gone
 
 
+def _video_seconds(path: Path) -> float:
+    import av
+
+    with av.open(str(path)) as c:
+        stream = c.streams.video[0]
+        return max(float((p.pts + (p.duration or 0)) * p.time_base) for p in c.demux(stream) if p.pts is not None)
+
+
+def test_long_audio_track_is_cut_to_the_video(server, tmp_path):
+    from segcore.video import AUDIO_TAIL_SECONDS
+    from test_hostile_checkpoints import _audio_seconds, _clip_with_long_audio
+
+    _, root = server
+    jobs, before = root / "app" / "jobs", files_under(root / "app" / "jobs")
+    src = _clip_with_long_audio(tmp_path / "long_audio.mp4", frames=3, fps=10, audio_seconds=60.0)
+    assert _audio_seconds(src) > 59 and _video_seconds(src) < 0.5  # a 0.3 s clip with a minute of sound
+    out, info = client(server).predict(handle_file(str(src)), "tiny.pth", False, False, TEST_SIZE, 0.5, 1, 0.0,
+                                       api_name="/segment_video")
+    path = Path(out["video"] if isinstance(out, dict) else out)
+    assert "3 frames" in info and "audio kept" in info
+    one_packet = 1024 / 8000  # an AAC frame of the 8 kHz track
+    assert 0 < _audio_seconds(path) <= _video_seconds(path) + AUDIO_TAIL_SECONDS + one_packet
+    added = files_under(jobs) - before  # the job left its result only (kept a minute for the download)
+    assert len(added) == 1 and Path(added.pop()).suffix == ".mp4"
+
+
 def test_each_request_writes_its_own_result_files(server, tmp_path):
     _, root = server
     jobs = root / "app" / "jobs"
@@ -165,12 +183,13 @@ def test_each_request_writes_its_own_result_files(server, tmp_path):
 
 
 def test_other_clients_are_answered_while_a_hostile_request_runs(server, tmp_path):
-    url, _ = server
-    bomb = hostile_labelme(tmp_path)
+    url, root = server
+    jobs, before = root / "app" / "jobs", files_under(root / "app" / "jobs")
+    upload = [handle_file(str(p)) for p in costly_request(tmp_path)]
     attacker, visitor = client(server), client(server)
-    evaluation = attacker.submit("Model on labelme annotations", [handle_file(str(bomb))], None, None, "voc", None,
+    evaluation = attacker.submit("Model on labelme annotations", upload, None, None, "voc", None,
                                  "error", "tiny.pth", False, False, TEST_SIZE, api_name="/evaluate")
-    conversion = attacker.submit([handle_file(str(bomb))], "voc", "error", None, None, False, api_name="/convert")
+    conversion = attacker.submit(upload, "voc", "error", None, None, False, api_name="/convert")
     deadline = time.monotonic() + 60
     while not all(j.done() or j.status().code.name in ("PROCESSING", "PROGRESS") for j in (evaluation, conversion)):
         assert time.monotonic() < deadline, "the hostile requests never started"
@@ -184,12 +203,21 @@ def test_other_clients_are_answered_while_a_hostile_request_runs(server, tmp_pat
             assert r.status == 200
         assert time.monotonic() - start < 10
 
-    # stopped at the time limit with its message, or (once shapes are clipped before drawing) a bounded result
-    for job in (evaluation, conversion):
-        try:
+    for job in (evaluation, conversion):  # both stopped at the time limit, with its message
+        with pytest.raises(Exception, match=f"time limit of {TIME_LIMIT} s"):
             job.result(timeout=120)
-        except Exception as exc:  # noqa: BLE001 - the message is what is checked
-            assert f"time limit of {TIME_LIMIT} s" in str(exc)
+    left = {f for f in files_under(jobs) - before if not f.startswith("image-")}  # the visitor's results aside
+    assert left == set()  # nothing of the hostile jobs is left
+
+
+def test_shapes_too_costly_to_draw_are_refused_per_file(server, tmp_path):
+    c = client(server)
+    ok = costly_labelme(tmp_path / "fine.json", side=400, crossings_per_row=100)
+    over = costly_labelme(tmp_path / "costly.json", side=400, crossings_per_row=3000)
+    dataset, text, _ = c.predict([handle_file(str(ok)), handle_file(str(over))], "voc", "error", None, None, False,
+                                 api_name="/convert")
+    assert Path(dataset).is_file()
+    assert "costly.json" in text and "drawing them would take too long" in text
 
 
 def test_busy_and_time_limit_messages(tmp_path):
@@ -212,6 +240,16 @@ def test_busy_and_time_limit_messages(tmp_path):
     with pytest.raises(gr.Error, match="time limit of 0.2 s"):
         Jobs(work, TempSpace([tmp_path / "app"], 10_000), 0.2).scoped(job)(lambda *_: None)
     assert len(ran) == 1 and not ran[0].exists()  # the stopped job's folder is gone
+
+
+def test_heap_is_trimmed_at_most_every_few_seconds():
+    from demo.memory import HeapTrimmer
+
+    trim = HeapTrimmer(every=3600)
+    if trim._libc is None:
+        pytest.skip("not glibc")
+    assert trim() is True and trim() is False  # one trim, then none until the hour is over
+    assert HeapTrimmer(every=0)() is True
 
 
 # ----------------------------------------------------------------------------- load
