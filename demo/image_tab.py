@@ -6,7 +6,6 @@ from pathlib import Path
 
 import gradio as gr
 
-import segcore
 from segcore.image import load_image
 from segcore.prelabel import LabelmeWriter, dumps
 

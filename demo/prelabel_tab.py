@@ -8,7 +8,6 @@ copy is removed when the job ends, whether it succeeded or not.
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import gradio as gr
 

@@ -70,3 +70,10 @@ def running_server(workdir: Path, weights, *args, **env_extra):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def tiny_segmenter(ckpt):
+    """What the app's image tab runs for ``ckpt`` at the tests' settings (single scale, TEST_SIZE, CPU)."""
+    from segcore import Segmenter
+
+    return Segmenter.from_pretrained(ckpt, scales=(), test_size=TEST_SIZE, device="cpu")

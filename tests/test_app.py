@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from app_server import TEST_SIZE, free_port, running_app
+from app_server import TEST_SIZE, free_port, running_app, tiny_segmenter
 from factories import scene_image, tiny_checkpoint
 from labelme_fixtures import generate_folder, write_labelme
 from PIL import Image
@@ -47,12 +47,6 @@ def app_url(app_files):
 @pytest.fixture(scope="module")
 def client(app_url):
     return Client(app_url, verbose=False)
-
-
-def tiny_segmenter(ckpt):
-    from segcore import Segmenter
-
-    return Segmenter.from_pretrained(ckpt, scales=(), test_size=TEST_SIZE, device="cpu")
 
 
 def labelme_zip(root: Path, n: int = 4, seed: int = 0, extra=None) -> Path:

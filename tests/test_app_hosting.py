@@ -145,18 +145,18 @@ def _video_seconds(path: Path) -> float:
 
 def test_long_audio_track_is_cut_to_the_video(server, tmp_path):
     from segcore.video import AUDIO_TAIL_SECONDS
-    from test_hostile_checkpoints import _audio_seconds, _clip_with_long_audio
+    from video_files import audio_seconds, clip_with_long_audio
 
     _, root = server
     jobs, before = root / "app" / "jobs", files_under(root / "app" / "jobs")
-    src = _clip_with_long_audio(tmp_path / "long_audio.mp4", frames=3, fps=10, audio_seconds=60.0)
-    assert _audio_seconds(src) > 59 and _video_seconds(src) < 0.5  # a 0.3 s clip with a minute of sound
+    src = clip_with_long_audio(tmp_path / "long_audio.mp4", frames=3, fps=10, audio_seconds=60.0)
+    assert audio_seconds(src) > 59 and _video_seconds(src) < 0.5  # a 0.3 s clip with a minute of sound
     out, info = client(server).predict(handle_file(str(src)), "tiny.pth", False, False, TEST_SIZE, 0.5, 1, 0.0,
                                        api_name="/segment_video")
     path = Path(out["video"] if isinstance(out, dict) else out)
     assert "3 frames" in info and "audio kept" in info
     one_packet = 1024 / 8000  # an AAC frame of the 8 kHz track
-    assert 0 < _audio_seconds(path) <= _video_seconds(path) + AUDIO_TAIL_SECONDS + one_packet
+    assert 0 < audio_seconds(path) <= _video_seconds(path) + AUDIO_TAIL_SECONDS + one_packet
     added = files_under(jobs) - before  # the job left its result only (kept a minute for the download)
     assert len(added) == 1 and Path(added.pop()).suffix == ".mp4"
 

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import zipfile
 from pathlib import Path
 
 import labelme
-import numpy as np
 import pytest
 from app_server import TEST_SIZE, running_app
 from factories import upscaled_images
-from PIL import Image
 
 import annotations
 

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from factories import scene_image, tiny_checkpoint
 from PIL import Image
-from test_app import TEST_SIZE, running_server, tiny_segmenter
+from app_server import TEST_SIZE, running_server, tiny_segmenter
 
 httpx = pytest.importorskip("httpx")
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 from factories import tiny_checkpoint
-from test_app import running_app
+from app_server import running_app
 
 pytestmark = pytest.mark.browser
 

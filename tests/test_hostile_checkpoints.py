@@ -8,7 +8,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 import torch
@@ -19,6 +18,7 @@ from segcore import CheckpointError, Segmenter, build_model, load_model
 from segcore.checkpoint import validate_checkpoint
 from segcore.checkpoint import MAX_PARAMETERS, check_architecture, check_shapes, estimate_parameters
 from segcore.video import AUDIO_TAIL_SECONDS, audio_packet_wanted, segment_video
+from video_files import audio_seconds, clip_with_long_audio
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -150,49 +150,15 @@ def test_real_checkpoints_still_load(tmp_path):
 # ----------------------------------------------------------------------------- video
 
 
-def _clip_with_long_audio(path: Path, frames=3, fps=10, audio_seconds=30.0) -> Path:
-    with av.open(str(path), "w") as out:
-        v = out.add_stream("libx264", rate=fps)
-        v.width, v.height, v.pix_fmt = 64, 48, "yuv420p"
-        a = out.add_stream("aac", rate=8000)
-        a.layout = "mono"
-        rng = np.random.default_rng(0)
-        for _ in range(frames):
-            frame = av.VideoFrame.from_ndarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8), format="rgb24")
-            for p in v.encode(frame):
-                out.mux(p)
-        for p in v.encode(None):
-            out.mux(p)
-        n = int(8000 * audio_seconds)
-        samples = (0.2 * np.sin(np.arange(n) / 8000 * 2 * np.pi * 440)).astype(np.float32)[None]
-        for start in range(0, n, 1024):
-            af = av.AudioFrame.from_ndarray(samples[:, start:start + 1024], format="fltp", layout="mono")
-            af.sample_rate, af.pts = 8000, start
-            for p in a.encode(af):
-                out.mux(p)
-        for p in a.encode(None):
-            out.mux(p)
-    return path
-
-
-def _audio_seconds(path: Path) -> float:
-    with av.open(str(path)) as c:
-        end = 0.0
-        for p in c.demux(c.streams.audio[0]):
-            if p.pts is not None and p.duration:
-                end = max(end, float((p.pts + p.duration) * p.time_base))
-        return end
-
-
 def test_long_audio_track_is_cut_to_the_video(tmp_path):
-    src = _clip_with_long_audio(tmp_path / "in.mp4")
-    assert _audio_seconds(src) > 29
+    src = clip_with_long_audio(tmp_path / "in.mp4")
+    assert audio_seconds(src) > 29
     space = annotations.get_label_space("voc")
     seg = Segmenter(tiny_model(21, scales=()), space.class_names, space.palette, scales=(), test_size=33,
                     device="cpu", precision="fp32")
     res = segment_video(seg, src, tmp_path / "out.mp4")
     assert res.frames == 3 and res.audio
-    assert 0 < _audio_seconds(res.path) <= 0.3 + AUDIO_TAIL_SECONDS + 0.2  # 3 frames at 10 fps, plus a packet
+    assert 0 < audio_seconds(res.path) <= 0.3 + AUDIO_TAIL_SECONDS + 0.2  # 3 frames at 10 fps, plus a packet
 
 
 def test_audio_bound():

@@ -15,7 +15,7 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
 import numpy as np
 import pytest
-from labelme_fixtures import LABELME_VOC_NAME_TO_ID, encode_image, make_image, mask_b64
+from labelme_fixtures import LABELME_VOC_NAME_TO_ID, encode_image, make_image
 from PIL import Image, ImageDraw, ImageFile
 
 import annotations as A

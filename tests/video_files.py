@@ -49,3 +49,39 @@ def read_video(path):
         codec = v.codec_context.name
         frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
     return len(frames), (frames[0].shape[1], frames[0].shape[0]), rate, has_audio, codec, frames
+
+
+def clip_with_long_audio(path, frames=3, fps=10, audio_seconds=30.0):
+    """A 64x48 H.264 clip of ``frames`` frames with an AAC tone ``audio_seconds`` long (audio far past the video)."""
+    with av.open(str(path), "w") as out:
+        v = out.add_stream("libx264", rate=fps)
+        v.width, v.height, v.pix_fmt = 64, 48, "yuv420p"
+        a = out.add_stream("aac", rate=8000)
+        a.layout = "mono"
+        rng = np.random.default_rng(0)
+        for _ in range(frames):
+            frame = av.VideoFrame.from_ndarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8), format="rgb24")
+            for p in v.encode(frame):
+                out.mux(p)
+        for p in v.encode(None):
+            out.mux(p)
+        n = int(8000 * audio_seconds)
+        samples = (0.2 * np.sin(np.arange(n) / 8000 * 2 * np.pi * 440)).astype(np.float32)[None]
+        for start in range(0, n, 1024):
+            af = av.AudioFrame.from_ndarray(samples[:, start:start + 1024], format="fltp", layout="mono")
+            af.sample_rate, af.pts = 8000, start
+            for p in a.encode(af):
+                out.mux(p)
+        for p in a.encode(None):
+            out.mux(p)
+    return path
+
+
+def audio_seconds(path) -> float:
+    """Where the clip's audio packets end, in seconds."""
+    with av.open(str(path)) as c:
+        end = 0.0
+        for p in c.demux(c.streams.audio[0]):
+            if p.pts is not None and p.duration:
+                end = max(end, float((p.pts + p.duration) * p.time_base))
+        return end
