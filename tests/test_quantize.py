@@ -142,3 +142,56 @@ def test_cli_predict_and_video_run_int8(tmp_path):
     assert run.returncode == 0, run.stderr
     assert (tmp_path / "out" / "scene.png").is_file()
     assert len(list((tmp_path / "home" / "int8").glob("*.pt"))) == 1
+
+
+def test_cli_video_runs_int8_with_own_calibration_folder(tmp_path):
+    from factories import tiny_checkpoint
+    from PIL import Image
+    from video_files import make_video, read_video
+
+    checkpoint = tiny_checkpoint(tmp_path / "tiny.pth")
+    clip = make_video(tmp_path / "clip.mp4", frames=6, size=(64, 48), fps=6)
+    calibration = tmp_path / "mine"
+    calibration.mkdir()
+    for seed in range(2):
+        Image.fromarray(scene_image(48, 64, seed=seed)).save(calibration / f"{seed}.png")
+    env = dict(os.environ, SEGCORE_HOME=str(tmp_path / "home"))
+    run = subprocess.run([sys.executable, "-m", "segcore", "video", "--weights", str(checkpoint), "--precision",
+                          "int8", "--calibration", str(calibration), "--scales", "--test-size", "65", str(clip),
+                          str(tmp_path / "out.mp4")], cwd=ROOT, capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    frames = read_video(tmp_path / "out.mp4")
+    assert len(frames) == 6 and frames[0].shape == (48, 64, 3)
+    missing = subprocess.run([sys.executable, "-m", "segcore", "video", "--weights", str(checkpoint), "--precision",
+                              "int8", "--calibration", str(tmp_path / "nowhere"), str(clip), str(tmp_path / "o.mp4")],
+                             cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert missing.returncode == 2
+    assert "nowhere: no such file or folder" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_app_serves_int8(tmp_path):
+    from app_server import TEST_SIZE, running_server
+    from factories import tiny_checkpoint
+    from gradio_client import Client, handle_file
+    from PIL import Image
+
+    checkpoint = tiny_checkpoint(tmp_path / "tiny.pth")
+    rgb = scene_image(60, 84, seed=3)
+    Image.fromarray(rgb).save(tmp_path / "scene.png")
+    with running_server(tmp_path / "server", checkpoint, "--precision", "int8") as (url, _):
+        client = Client(url, verbose=False)
+        result = client.predict(handle_file(str(tmp_path / "scene.png")), "tiny.pth", False, False, TEST_SIZE, 0.4,
+                                api_name="/segment_image")
+    expected = Segmenter.from_pretrained(str(checkpoint), scales=(), test_size=TEST_SIZE, device="cpu",
+                                         precision="int8").predict(rgb)
+    np.testing.assert_array_equal(np.asarray(Image.open(result[3])), expected.label_map)
+    # the server ran the int8 path: it calibrated and cached the checkpoint's quantised weights
+    assert len(list((tmp_path / "server" / "home" / "int8").glob("*.pt"))) == 1
+
+
+def test_app_refuses_an_unknown_precision_in_one_line():
+    run = subprocess.run([sys.executable, "app.py", "--precision", "int4"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 2
+    assert "precision must be one of" in run.stderr and "Traceback" not in run.stderr
