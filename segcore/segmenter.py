@@ -209,7 +209,9 @@ class Segmenter:
         cache = self.__dict__.setdefault("_fast", {})
         if "path" not in cache:
             if self.precision == "int8":
-                cache["path"] = Int8Path(self.model.base, self.calibration_batches(), self.scales)
+                # ranges over the default scales and this Segmenter's: one calibration serves every option set
+                scales = tuple(sorted(set(DEFAULT_SCALES) | set(self.scales)))
+                cache["path"] = Int8Path(self.model.base, self.calibration_batches(), scales)
             else:
                 cache["path"] = FastPath(self.model.base, self.device, self.precision)
         return cache["path"]
