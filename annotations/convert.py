@@ -1,9 +1,8 @@
-"""Convert labelme files to class/instance maps in memory or to a VOC-style dataset."""
+"""Convert labelme files to class/instance maps in memory or to a VOC-style dataset (written by
+:mod:`annotations.voc_writer`)."""
 
 from __future__ import annotations
 
-import io
-import json
 import multiprocessing
 import os
 import shutil
@@ -14,20 +13,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from .archive import (DEFAULT_MAX_BYTES, DEFAULT_MAX_FILES, ExtractionBudget, safe_extract_zip,
                       single_top_folder)
-from .errors import AnnotationError, LabelSpaceError, OutputExistsError
-from .label_spaces import LabelSpace, get_label_space, palette_image
+from .errors import AnnotationError, LabelSpaceError
+from .label_spaces import LabelSpace, get_label_space
 from .limits import MAX_IMAGE_PIXELS
 from .mapping import LabelMapping
 from .rasterize import rasterize
 from .reader import Issue, LabelmeFile, read_labelme
+from .voc_writer import check_output, staged_dataset, write_image, write_index
 
 UNKNOWN_POLICIES = ("error", "ignore")
 UNLABELED_POLICIES = ("auto", "background", "ignore")
-JPEG_QUALITY = 100  # used only when the original bytes cannot be copied (see docs/annotations.md)
 
 
 @dataclass
@@ -330,7 +328,8 @@ def _process(task: tuple[str, str]) -> _Result:
     try:
         res = _convert_loaded(lf, name, opt)
         if res.converted is not None and _WORKER["out"] is not None:
-            _write_outputs(Path(_WORKER["out"]), lf, res.converted, opt)
+            conv = res.converted
+            write_image(Path(_WORKER["out"]), lf, conv.name, conv.image, conv.class_map, conv.instance_map, opt.space)
     except Exception as e:
         return _Result(path, name, errors=[{"file": path, "reason": f"conversion failed: {type(e).__name__}: {e}"}])
     if not _WORKER["keep"]:
@@ -412,58 +411,6 @@ def load_labelme_dataset(input: str | Path | Sequence[str | Path], label_space: 
         inp.close()
 
 
-# ----------------------------------------------------------------------------- writing
-
-def _visualize(image: Image.Image, cls_img: Image.Image, space: LabelSpace) -> Image.Image:
-    """50% blend of the image with the class colours; background (or, without a background
-    class, ignore) pixels keep the image. All in Pillow's C code."""
-    base = image if image.mode == "RGB" else image.convert("RGB")
-    colour = cls_img.convert("RGB")
-    keep = space.background_index if space.background_index is not None else space.ignore_index
-    lut = [255] * 256
-    lut[keep] = 0
-    mask = Image.frombytes("L", cls_img.size, cls_img.tobytes()).point(lut)
-    return Image.composite(Image.blend(base, colour, 0.5), base, mask)
-
-
-def _jpeg_bytes(lf: LabelmeFile, rgb: np.ndarray) -> bytes:
-    """The original bytes when they are a plain RGB JPEG whose pixels labelme uses unchanged;
-    otherwise a quality-100, 4:4:4 JPEG of the decoded (EXIF-rotated for files) pixels."""
-    img = lf.image
-    if lf.image_format == "JPEG" and img.mode == "RGB" and not lf.exif_rotated:
-        try:
-            orientation = img.getexif().get(0x0112)
-        except Exception:
-            orientation = -1
-        if orientation in (None, 1):
-            return lf.image_bytes
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
-    return buf.getvalue()
-
-
-def _write_outputs(out: Path, lf: LabelmeFile, conv: ConvertedImage, opt: _Options) -> None:
-    name = conv.name
-    (out / "JPEGImages" / f"{name}.jpg").write_bytes(_jpeg_bytes(lf, conv.image))
-    cls_img = palette_image(conv.class_map, opt.space.palette)
-    cls_img.save(out / "SegmentationClass" / f"{name}.png", format="PNG", compress_level=1)
-    base = lf.image if lf.image.mode == "RGB" else Image.fromarray(conv.image)
-    _visualize(base, cls_img, opt.space).save(out / "SegmentationClassVisualization" / f"{name}.jpg", quality=90)
-    if conv.instance_map is not None:
-        ins = conv.instance_map
-        path = out / "SegmentationObject" / f"{name}.png"
-        if ins.max(initial=0) < 255:
-            palette_image(ins.astype(np.uint8)).save(path, format="PNG", compress_level=1)
-        else:  # more than 254 instances: 16-bit grey PNG
-            Image.fromarray(ins.astype(np.uint16)).save(path, format="PNG")
-
-
-def _looks_like_dataset(p: Path) -> bool:
-    if not any(p.iterdir()):
-        return True
-    return (p / "report.json").exists() or (p / "class_names.txt").exists()
-
-
 def convert_folder(input: str | Path | Sequence[str | Path], output: str | Path,
                    label_space: str | Path | LabelSpace = "voc", *, mapping: Any = None, unknown: str = "error",
                    unlabeled: str = "auto", instances: bool = False, overwrite: bool = False,
@@ -481,12 +428,7 @@ def convert_folder(input: str | Path | Sequence[str | Path], output: str | Path,
     """
     output = Path(output)
     opt = _make_options(label_space, mapping, unknown, unlabeled, instances, max_pixels)
-    if output.exists():
-        if not overwrite:
-            raise OutputExistsError(f"{output}: output folder exists (pass overwrite=True / --overwrite)")
-        if not output.is_dir() or not _looks_like_dataset(output):
-            raise OutputExistsError(f"{output}: exists and does not look like a dataset written by this tool; "
-                                    "refusing to overwrite it")
+    check_output(output, overwrite)
     inp = _Input(input, budget if budget is not None else ExtractionBudget(max_zip_bytes, max_zip_files))
     opt.root = inp.base
     if not inp.files:
@@ -494,34 +436,18 @@ def convert_folder(input: str | Path | Sequence[str | Path], output: str | Path,
         shown = os.fspath(input) if isinstance(input, (str, os.PathLike)) else "the input files"
         raise AnnotationError(f"{shown}: no labelme .json files found; give a folder of labelme files, "
                               "the .json files themselves, or a .zip of them")
-    stage: Path | None = None
     try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        stage = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
-        for sub in ("JPEGImages", "SegmentationClass", "SegmentationClassVisualization",
-                    "ImageSets/Segmentation") + (("SegmentationObject",) if instances else ()):
-            (stage / sub).mkdir(parents=True, exist_ok=True)
-        report = ConversionReport(opt.space.name, opt.space.class_names, files_total=len(inp.files))
-        tasks = [(str(f), n) for f, n in zip(inp.files, inp.names)]
-        names = []
-        for k, res in enumerate(_run(tasks, opt, str(stage), False, workers), 1):
-            _collect(report, res, inp)
-            if res.converted is not None and not res.errors:
-                names.append(res.name)
-            if progress is not None:
-                progress(k, len(tasks))
-        (stage / "class_names.txt").write_text("\n".join(opt.space.class_names) + "\n", encoding="utf-8")
-        (stage / "ImageSets" / "Segmentation" / "all.txt").write_text(
-            "".join(f"{n}\n" for n in sorted(names)), encoding="utf-8")
-        (stage / "report.json").write_text(json.dumps(report.to_dict(), indent=2, ensure_ascii=False),
-                                           encoding="utf-8")
-        if output.exists():
-            shutil.rmtree(output)
-        os.replace(stage, output)
+        with staged_dataset(output, instances) as stage:
+            report = ConversionReport(opt.space.name, opt.space.class_names, files_total=len(inp.files))
+            tasks = [(str(f), n) for f, n in zip(inp.files, inp.names)]
+            names = []
+            for k, res in enumerate(_run(tasks, opt, str(stage), False, workers), 1):
+                _collect(report, res, inp)
+                if res.converted is not None and not res.errors:
+                    names.append(res.name)
+                if progress is not None:
+                    progress(k, len(tasks))
+            write_index(stage, opt.space.class_names, names, report.to_dict())
         return report
-    except BaseException:
-        if stage is not None:
-            shutil.rmtree(stage, ignore_errors=True)
-        raise
     finally:
         inp.close()

@@ -15,14 +15,14 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from .bench_evaluate import FULL_SIZES, QUICK_SIZES, ROOT, _write_voc, write_checkpoint
-from .bench_metrics import _current_rss_mb, _peak_rss_mb, _reset_peak
+from .bench_evaluate import FULL_SIZES, QUICK_SIZES, ROOT, write_checkpoint
+from .memory import current_rss_mb, peak_rss_mb, reset_peak
 
 
 def _child(ckpts: list[str], data: str, mode: str, out: str) -> dict:
     sys.path.insert(0, str(ROOT / "tests"))
     import segcore
-    from segcore.compare import compare
+    from segcore.comparison import compare
 
     segs = [segcore.Segmenter.from_pretrained(c) for c in ckpts]
     dataset = segcore.open_dataset(data, "voc")
@@ -35,8 +35,8 @@ def _child(ckpts: list[str], data: str, mode: str, out: str) -> dict:
 
     segcore.evaluate(segs[0], dataset, progress=False, worst=0, distributed=False, max_images=1)  # warm-up
     dataset._load = counting_load
-    peak_reset = _reset_peak()
-    base = _current_rss_mb() if peak_reset else _peak_rss_mb()
+    peak_reset = reset_peak()
+    base = current_rss_mb() if peak_reset else peak_rss_mb()
     start = time.perf_counter()
     if mode == "compare":
         compare(segs, dataset, out_dir=out, progress=False, distributed=False)
@@ -45,15 +45,16 @@ def _child(ckpts: list[str], data: str, mode: str, out: str) -> dict:
             segcore.evaluate(seg, dataset, out_dir=f"{out}/{k}", progress=False, distributed=False)
     seconds = time.perf_counter() - start
     return {"mode": mode, "seconds": round(seconds, 2), "image_reads": reads["n"],
-            "peak_rss_growth_mb": round(_peak_rss_mb() - base, 1), "peak_reset": peak_reset}
+            "peak_rss_growth_mb": round(peak_rss_mb() - base, 1), "peak_reset": peak_reset}
 
 
 def run(quick: bool) -> dict:
-    sys.path.insert(0, str(ROOT / "tests"))  # the test factories make the images and models
+    from .workloads import make_voc
+
     sizes = QUICK_SIZES if quick else FULL_SIZES
     with tempfile.TemporaryDirectory(prefix="bench-compare-") as tmp:
         tmp = Path(tmp)
-        _write_voc(tmp / "voc", sizes)
+        make_voc(tmp / "voc", sizes)
         ckpts = [write_checkpoint(tmp / f"model{seed}.pth", quick, seed) for seed in (0, 1)]
         ctx = mp.get_context("spawn")
         rows = {}

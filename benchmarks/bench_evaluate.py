@@ -16,29 +16,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from .bench_metrics import _current_rss_mb, _peak_rss_mb, _reset_peak
+from .memory import current_rss_mb, peak_rss_mb, reset_peak
 
 ROOT = Path(__file__).resolve().parent.parent
 FULL_SIZES = ((375, 500), (500, 375), (500, 333), (480, 640))
 QUICK_SIZES = ((75, 100), (100, 75))
 SETTINGS = (("reference", "fp32"), ("resize", "fp32"), ("resize", "auto"))
-
-
-def _write_voc(root: Path, sizes) -> None:
-    import numpy as np
-    from factories import scene_image
-    from PIL import Image
-
-    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
-        (root / sub).mkdir(parents=True, exist_ok=True)
-    ids = []
-    for k, (h, w) in enumerate(sizes):
-        name = f"img_{k}"
-        Image.fromarray(scene_image(h, w, seed=k)).save(root / "JPEGImages" / f"{name}.jpg", quality=92)
-        label = (np.add.outer(np.arange(h) // 40, np.arange(w) // 60) % 21).astype(np.uint8)
-        Image.fromarray(label, mode="L").save(root / "SegmentationClass" / f"{name}.png")
-        ids.append(name)
-    (root / "ImageSets/Segmentation/val.txt").write_text("\n".join(ids) + "\n")
 
 
 def _child(ckpt: str, data: str, protocol: str, precision: str, repeats: int) -> dict:
@@ -51,8 +34,8 @@ def _child(ckpt: str, data: str, protocol: str, precision: str, repeats: int) ->
     dataset = segcore.open_dataset(data, "voc")
     segcore.evaluate(seg, dataset, protocol=protocol, progress=False, worst=0, distributed=False,
                      max_images=1)  # warm-up (and the fast path's one-off build)
-    peak_reset = _reset_peak()
-    base = _current_rss_mb() if peak_reset else _peak_rss_mb()
+    peak_reset = reset_peak()
+    base = current_rss_mb() if peak_reset else peak_rss_mb()
     if seg.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(seg.device)
     times = []
@@ -63,8 +46,8 @@ def _child(ckpt: str, data: str, protocol: str, precision: str, repeats: int) ->
             torch.cuda.synchronize(seg.device)
         times.append(time.perf_counter() - start)
     out = {"protocol": protocol, "precision": seg.precision, "device": str(seg.device),
-           "images_per_s": round(len(dataset) / min(times), 3), "peak_rss_growth_mb": round(_peak_rss_mb() - base, 1),
-           "peak_rss_mb": round(_peak_rss_mb(), 1), "peak_reset": peak_reset,
+           "images_per_s": round(len(dataset) / min(times), 3), "peak_rss_growth_mb": round(peak_rss_mb() - base, 1),
+           "peak_rss_mb": round(peak_rss_mb(), 1), "peak_reset": peak_reset,
            "mean_iou": result.scores["mean_iou"]}
     if seg.device.type == "cuda":
         out["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated(seg.device) / 2**20, 1)
@@ -74,23 +57,23 @@ def _child(ckpt: str, data: str, protocol: str, precision: str, repeats: int) ->
 def write_checkpoint(path: Path, quick: bool, seed: int = 0) -> str:
     """A 21-class checkpoint with seeded random weights: the tiny test model, or the full ResNet-101."""
     import torch
-    from factories import randomize_, tiny_checkpoint
 
-    from segcore import build_model
+    from .workloads import resnet101, tiny_checkpoint
 
     if quick:
         tiny_checkpoint(path, n_classes=21, seed=seed)
     else:
-        torch.save(randomize_(build_model(21), seed=seed).state_dict(), path)
+        torch.save(resnet101(21, seed=seed).state_dict(), path)
     return str(path)
 
 
 def run(quick: bool) -> dict:
-    sys.path.insert(0, str(ROOT / "tests"))  # the test factories make the images and models
+    from .workloads import make_voc
+
     sizes = QUICK_SIZES if quick else FULL_SIZES
     with tempfile.TemporaryDirectory(prefix="bench-evaluate-") as tmp:
         tmp = Path(tmp)
-        _write_voc(tmp / "voc", sizes)
+        make_voc(tmp / "voc", sizes)
         ckpt = write_checkpoint(tmp / "model.pth", quick)
         ctx = mp.get_context("spawn")
         rows = []

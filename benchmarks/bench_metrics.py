@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -26,6 +25,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from .memory import current_rss_mb, peak_rss_mb, reset_peak
 
 ROOT = Path(__file__).resolve().parent.parent
 H = W = 513
@@ -58,40 +59,6 @@ def _reference_hist(label_trues, label_preds, n_class):
     for lt, lp in zip(label_trues, label_preds):
         hist += _reference_fast_hist(lt.flatten(), lp.flatten(), n_class)
     return hist
-
-
-def _status_mb(field: str) -> float | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak() -> bool:
-    """Reset the kernel's peak-RSS mark (Linux >= 4.0) so the peak covers only what follows."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss_mb() -> float:
-    hwm = _status_mb("VmHWM")
-    if hwm is not None:
-        return hwm
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
-
-
-def _current_rss_mb() -> float:
-    cur = _status_mb("VmRSS")
-    return cur if cur is not None else _peak_rss_mb()
 
 
 def _child(method: str, n_classes: int, n_images: int, repeats: int) -> dict:
@@ -134,13 +101,13 @@ def _child(method: str, n_classes: int, n_images: int, repeats: int) -> dict:
     n_images = 2
     one_pass()
     n_images = saved
-    peak_reset = _reset_peak()
-    base = _current_rss_mb() if peak_reset else _peak_rss_mb()
+    peak_reset = reset_peak()
+    base = current_rss_mb() if peak_reset else peak_rss_mb()
     times, matrix = [], None
     for _ in range(repeats):
         dt, matrix = one_pass()
         times.append(dt)
-    peak = _peak_rss_mb()
+    peak = peak_rss_mb()
     med = statistics.median(times)
     return {
         "method": method,

@@ -22,16 +22,15 @@ import time
 import urllib.request
 from pathlib import Path
 
+from .memory import current_rss_mb
+
 ROOT = Path(__file__).resolve().parent.parent
 TEST_SIZE = 65
 TIME_LIMIT = 15
 
 
-def _rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return round(int(line.split()[1]) / 1024, 1)
-    raise KeyError("VmRSS")
+def _rss(pid: int) -> float:
+    return round(current_rss_mb(pid), 1)
 
 
 def hostile_labelme(folder: Path) -> Path:
@@ -77,7 +76,7 @@ def load(url: str, pid: int, image: Path, clients: int, requests: int, marks, do
                 latencies.append(time.perf_counter() - start)
                 done = len(latencies)
                 if done in marks:
-                    rss[done] = _rss_mib(pid)
+                    rss[done] = _rss(pid)
 
     threads = [threading.Thread(target=worker) for _ in range(clients)]
     start = time.perf_counter()
@@ -127,7 +126,7 @@ def run(quick: bool) -> dict:
     import numpy as np
     from factories import scene_image, tiny_checkpoint
     from PIL import Image
-    from test_app import running_server
+    from app_server import running_server
 
     clients = 4 if quick else 16
     marks = (20, 40) if quick else (100, 500, 1000)
@@ -137,12 +136,12 @@ def run(quick: bool) -> dict:
         image = root / "scene.png"
         Image.fromarray(np.ascontiguousarray(scene_image(48, 64, seed=1))).save(image)
         with running_server(root / "server", ckpt, SEGCORE_TIME_LIMIT=TIME_LIMIT) as (url, proc):
-            rss_idle = _rss_mib(proc.pid)
+            rss_idle = _rss(proc.pid)
             result = {"server": "python app.py, tiny random checkpoint, default queue settings",
                       "load_average_before": [round(v, 1) for v in os.getloadavg()],
                       "request": f"/segment_image, 64x48 PNG, single scale, test size {TEST_SIZE}",
                       "rss_mib_idle": rss_idle,
                       "load": load(url, proc.pid, image, clients, marks[-1], set(marks), root)}
             result["abuse"] = abuse(url, root)
-            result["rss_mib_end"] = _rss_mib(proc.pid)
+            result["rss_mib_end"] = _rss(proc.pid)
     return result

@@ -18,33 +18,22 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .memory import current_rss_mb, peak_rss_mb, reset_peak
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def make_clip(path, frames, size=(640, 360), fps=25, audio=True):
     sys.path.insert(0, str(ROOT / "tests"))
-    from test_video import make_video
+    from video_files import make_video
 
     return make_video(path, frames=frames, size=size, fps=fps, audio=audio)
 
 
 def _segmenter(full: bool, test_size: int, scales):
-    sys.path.insert(0, str(ROOT / "tests"))
-    import annotations
-    from factories import randomize_, tiny_model
+    from .workloads import resnet101, tiny_model, voc_segmenter
 
-    from segcore import Segmenter, build_model
-
-    model = randomize_(build_model(21), 0) if full else tiny_model(21, seed=0)
-    voc = annotations.get_label_space("voc")
-    return Segmenter(model, voc.class_names, voc.palette, scales=scales, test_size=test_size)
-
-
-def _status_mib(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise KeyError(field)
+    return voc_segmenter(resnet101() if full else tiny_model(21, seed=0), scales=scales, test_size=test_size)
 
 
 def _memory_child(clip: str, full: bool, test_size: int) -> None:
@@ -59,14 +48,10 @@ def _memory_child(clip: str, full: bool, test_size: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         warm = make_clip(Path(tmp) / "warm.mp4", 2, size=(64, 48), audio=False)
         segment_video(seg, warm, Path(tmp) / "warm_out.mp4")
-        before = _status_mib("VmRSS")
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-            reset = True
-        except OSError:
-            reset = False
+        before = current_rss_mb()
+        reset = reset_peak()
         res = segment_video(seg, clip, Path(tmp) / "out.mp4")
-    print(json.dumps({"peak_rss_mib": _status_mib("VmHWM"), "rss_before_mib": before, "peak_reset": reset,
+    print(json.dumps({"peak_rss_mib": peak_rss_mb(), "rss_before_mib": before, "peak_reset": reset,
                       "frames": res.frames}))
 
 

@@ -16,7 +16,7 @@ import json
 import torch
 import torch.nn as nn
 
-from benchmarks.bench_inference import _image, _model, _segmenters
+from benchmarks.workloads import resnet101, scene_image, voc_segmenter
 from segcore.fast import FastPath, cpu_bf16_supported, fold_batchnorm
 
 
@@ -62,11 +62,11 @@ def simulated_int8(base: nn.Module, calibration, quantize_aspp: bool) -> nn.Modu
 
 
 def run(size: int) -> dict:
-    model = _model()
-    plain = _segmenters(model, (), size)[0]
+    model = resnet101()
+    plain = voc_segmenter(model, "fp32", scales=(), test_size=size, device="cpu")
 
     def tensor(seed):
-        return plain.to_tensor([plain.preprocess(_image(size, size, seed))[1]])
+        return plain.to_tensor([plain.preprocess(scene_image(size, size, seed))[1]])
 
     calibration = [tensor(seed) for seed in (10, 11, 12)]
     images = [tensor(seed) for seed in (0, 1, 2)]  # the inference benchmark's images

@@ -10,7 +10,9 @@ import pandas as pd
 import segcore
 from segcore import evaluation_advice
 from segcore.datasets import annotation_label_space
-from segcore.evaluate import failure_text
+from segcore.evaluation import EvaluationResult, failure_text
+from segcore.protocol import PROTOCOLS, default_protocol
+from segcore.report import class_iou_figure, confusion_figure
 
 from .common import as_paths, gather_uploads, pct, readable, request_budget, require, user_errors, zip_folder
 from .panel import Context, model_for, refresh_status
@@ -39,12 +41,12 @@ def resolve_space(choice: str | None, labels_file, seg: segcore.Segmenter | None
     return annotation_label_space(chosen, seg)
 
 
-def scores_table(result: segcore.EvaluationResult) -> pd.DataFrame:
+def scores_table(result: EvaluationResult) -> pd.DataFrame:
     rows = [[label, pct(result.scores[key])] for key, label in SCORE_ROWS]
     return pd.DataFrame(rows, columns=SCORE_COLUMNS)
 
 
-def per_image_table(result: segcore.EvaluationResult) -> pd.DataFrame:
+def per_image_table(result: EvaluationResult) -> pd.DataFrame:
     def key(row):
         v = row["mean_iou"]
         return (1, 0.0) if v is None or (isinstance(v, float) and math.isnan(v)) else (0, v)
@@ -77,7 +79,7 @@ def build(ctx: Context) -> None:
                     space = gr.Dropdown(SPACE_CHOICES, value="model", label="Label space",
                                         info="model: the selected weights' classes")
                     unknown = gr.Radio(["error", "ignore"], value="error", label="Unknown labels")
-                protocol = gr.Radio(list(segcore.PROTOCOLS), value=segcore.default_protocol("labelme"),
+                protocol = gr.Radio(list(PROTOCOLS), value=default_protocol("labelme"),
                                     label="Protocol", info=PROTOCOL_INFO, elem_id="eval-protocol")
                 labels = gr.File(label="labels.txt (optional, overrides the label space)", file_types=[".txt"],
                                  height=120)
@@ -175,8 +177,8 @@ def build(ctx: Context) -> None:
             warnings = [{**w, "file": readable(w["file"])} for w in result.warnings]
             archive = zip_folder(out, job / "evaluation_report.zip")
             palette = space.palette
-            bar_fig = segcore.class_iou_figure(result.scores, result.class_names, palette)
-            conf_fig = segcore.confusion_figure(result.scores, result.class_names)
+            bar_fig = class_iou_figure(result.scores, result.class_names, palette)
+            conf_fig = confusion_figure(result.scores, result.class_names)
         what = f"`{seg.name}` ({result.options['protocol']['name']} protocol, images " \
                f"{result.options['protocol']['image_size']}, {'multi-scale' if seg.scales else 'single scale'}" \
                f"{', CRF' if seg.crf else ''}, {seg.precision})" if seg is not None else "stored predictions"
@@ -197,7 +199,7 @@ def build(ctx: Context) -> None:
     def compare(annotation_files, mapping_file=None, label_space="model", labels_file=None, unknown_labels="error",
                 models=None, multiscale=False, crf=False, test_size=513, protocol_name=None,
                 progress=gr.Progress(track_tqdm=True)):
-        from segcore.compare import SHORT, compare as compare_models_on, comparison_figures
+        from segcore.comparison import SHORT, compare as compare_models_on, comparison_figures
 
         require(as_paths(annotation_files), "Upload labelme files (.json with their images) or a .zip first.")
         models = [m for m in (models or []) if m]

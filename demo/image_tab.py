@@ -7,6 +7,7 @@ from pathlib import Path
 import gradio as gr
 
 import segcore
+from segcore.image import load_image
 from segcore.prelabel import LabelmeWriter, dumps
 
 from .common import EXAMPLES_DIR, UserError, legend_html, safe_stem, user_errors, write_png
@@ -84,7 +85,7 @@ def build(ctx: Context) -> None:
         seg = model_for(ctx, weights, multiscale, crf, test_size, progress)
         name = Path(image).name
         with user_errors():
-            rgb = segcore.load_image(image, max_pixels=cfg.max_image_pixels, name=name)
+            rgb = load_image(image, max_pixels=cfg.max_image_pixels, name=name)
             progress(0.5, desc="Segmenting")
             pred = seg.predict(rgb)
             over = pred.overlay(float(opacity if opacity is not None else 0.5))

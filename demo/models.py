@@ -22,6 +22,7 @@ from pathlib import Path
 import segcore
 from segcore.model import DEFAULT_SCALES
 from segcore.report import sha256_file
+from segcore.weights import Weights
 
 UPLOAD_SUFFIX = " (uploaded)"
 MAX_UPLOADS_PER_OWNER = 5
@@ -39,7 +40,7 @@ class WeightsSource:
     """``voc``, ``cocostuff``, a labels file, or None (the checkpoint / class count decides)."""
 
     @property
-    def registry(self) -> segcore.Weights | None:
+    def registry(self) -> Weights | None:
         return segcore.REGISTRY.get(self.target)
 
 

@@ -30,6 +30,7 @@ from PIL import Image
 
 import annotations
 
+from .distributed import barrier, gather_objects, rank_and_world
 from .errors import SegcoreError
 from .prelabel import DEFAULT_MIN_AREA, DEFAULT_TOLERANCE, LabelmeWriter, dumps, round_trip, write_inverse_map
 
@@ -434,8 +435,6 @@ def predict_files(segmenter, inputs, out, formats=("png",), *, progress: bool = 
     """Segment the images in ``inputs`` (files, folders, zips, or an open :class:`Inputs`) into ``out`` in
     ``formats`` (see :class:`BatchPredictor` for ``options``). Under torchrun, call it in every process: each
     takes its share and the result returned on every rank covers all of them."""
-    from .distributed import gather_objects, rank_and_world
-
     rank, world = rank_and_world()
     predictor = BatchPredictor(segmenter, out, formats, **options)
     found = inputs if isinstance(inputs, Inputs) else Inputs(inputs, max_zip_bytes=max_zip_bytes,
@@ -447,7 +446,7 @@ def predict_files(segmenter, inputs, out, formats=("png",), *, progress: bool = 
             for name, message in found.failed.items():  # named as they are found, like unreadable images
                 print(f"FAILED {name}: {message}", file=sys.stderr)
         predictor.prepare(found.images, rank)
-        _barrier(world)
+        barrier(world)
         result = predictor.run(found.images, rank=rank, world=world, progress=progress, on_image=on_image,
                                stop=stop)
         if rank == 0:
@@ -456,10 +455,3 @@ def predict_files(segmenter, inputs, out, formats=("png",), *, progress: bool = 
         for part in gather_objects(result, world):
             merged.merge(part)
     return merged
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()

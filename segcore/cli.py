@@ -10,6 +10,7 @@ import argparse
 import importlib
 from pathlib import Path
 
+from annotations import AnnotationError
 from annotations.cli_errors import CliParser, run_cli
 
 from .batch import IMAGE_SUFFIXES
@@ -49,10 +50,16 @@ def unit_interval(text: str) -> float:
     return value
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
-    """Options every model-running command shares."""
-    parser.add_argument("--weights", required=required,
-                        help="registry name (voc12, cocostuff164k, cocostuff10k) or checkpoint path")
+def add_model_arguments(parser: argparse.ArgumentParser, *, required: bool = True,
+                        several: bool = False) -> None:
+    """Options every model-running command shares; ``several``: ``--weights`` takes two or more models."""
+    if several:
+        parser.add_argument("--weights", required=True, nargs="+",
+                            help="two or more registry names or checkpoint paths; "
+                                 "differences are against the first")
+    else:
+        parser.add_argument("--weights", required=required,
+                            help="registry name (voc12, cocostuff164k, cocostuff10k) or checkpoint path")
     parser.add_argument("--crf", action="store_true", help="refine with the dense CRF")
     parser.add_argument("--scales", type=positive_float, nargs="*", default=None,
                         help="extra input scales besides 1.0 (default 0.5 0.75; none for single scale)")
@@ -108,9 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     """Exit codes: 0 done, 1 some files failed (named in the output), 2 bad input, 130 interrupted."""
-    import annotations
-
     from .errors import SegcoreError
 
     args = build_parser().parse_args(argv)
-    return run_cli(lambda: args._run(args), (SegcoreError, annotations.AnnotationError))
+    return run_cli(lambda: args._run(args), (SegcoreError, AnnotationError))

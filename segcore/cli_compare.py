@@ -4,38 +4,25 @@ per_image.csv and comparison.html. Works under torchrun like ``evaluate``."""
 
 from __future__ import annotations
 
+from .cli_evaluate import add_arguments as add_evaluate_arguments
+
 
 def add_arguments(parser):
-    from .cli_evaluate import add_arguments as add_evaluate_arguments
-
-    add_evaluate_arguments(parser)
-    for action in parser._actions:  # the same options as evaluate, but several --weights
-        if action.dest == "weights":
-            action.nargs, action.required = "+", True
-            action.help = "two or more registry names or checkpoint paths; differences are against the first"
-        if action.dest == "out":
-            action.default = action.default.with_name("comparison")
-    parser.set_defaults(worst=0)
+    add_evaluate_arguments(parser, several_models=True, out="comparison", worst=0)
 
 
 def run(args) -> int:
     from .cli_evaluate import model_from_args, protocol_from_args
-    from .compare import compare, format_comparison_table
+    from .comparison import compare, format_comparison_table
     from .datasets import annotation_label_space, open_dataset
-    from .distributed import init_distributed
-    from .evaluate import EvaluationError
+    from .distributed import torchrun_process
+    from .evaluation import EvaluationError
 
     if args.format == "masks" or args.pred is not None:
         raise EvaluationError("compare runs models; stored prediction masks are scored with evaluate --format masks")
     if len(args.weights) < 2:
         raise EvaluationError("compare needs at least two --weights")
-    rank, world, started = init_distributed(args.device)
-    try:
-        if world > 1 and args.device == "auto":
-            import torch
-
-            if torch.cuda.is_available():
-                args.device = f"cuda:{torch.cuda.current_device()}"
+    with torchrun_process(args.device) as (rank, world, args.device):
         fmt, protocol = protocol_from_args(args)
         segmenters = [model_from_args(args, w) for w in args.weights]
         space = annotation_label_space(args.labels, segmenters[0])
@@ -52,8 +39,3 @@ def run(args) -> int:
                 print(f"{label}: {r.summary()}")
             print(f"report written to {args.out} ({', '.join(p.name for p in result.report.values())})")
         return result.exit_code
-    finally:
-        if started:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()

@@ -8,16 +8,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .cli import add_model_arguments
 from .datasets import FORMATS
 from .errors import LabelCountError
+from .protocol import PROTOCOLS
 
 
-def add_arguments(parser):
-    from .cli import add_model_arguments
-
-    from .protocol import PROTOCOLS
-
-    add_model_arguments(parser, required=False)
+def add_arguments(parser, *, several_models: bool = False, out: str = "evaluation", worst: int = 8) -> None:
+    """evaluate's options; ``compare`` takes the same ones with several models, its own report folder
+    and no worst-image thumbnails."""
+    add_model_arguments(parser, required=False, several=several_models)
     parser.add_argument("--protocol", default=None, choices=PROTOCOLS,
                         help="reference: deeplab-pytorch's test loop, each image at its native size "
                              "(COCO-Stuff 10k warped to 513x513), the published scores' protocol; "
@@ -40,8 +40,8 @@ def add_arguments(parser):
                         help="labelme labels neither in the label set nor mapped: "
                              "fail the file, or ignore them")
     parser.add_argument("--pred", type=Path, default=None, help="prediction masks folder (--format masks)")
-    parser.add_argument("--out", type=Path, default=Path("evaluation"), help="report folder")
-    parser.add_argument("--worst", type=int, default=8,
+    parser.add_argument("--out", type=Path, default=Path(out), help="report folder")
+    parser.add_argument("--worst", type=int, default=worst,
                         help="how many lowest-mIoU images to keep as thumbnails")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -78,8 +78,8 @@ def model_from_args(args, weights=None):
 
 def run(args) -> int:
     from .datasets import annotation_label_space, open_dataset
-    from .distributed import init_distributed
-    from .evaluate import EvaluationError, evaluate
+    from .distributed import torchrun_process
+    from .evaluation import EvaluationError, evaluate
     from .bootstrap import interval_line
     from .evaluation_advice import raise_if_nothing_evaluated
     from .protocol import published_lines, protocol_line
@@ -96,13 +96,9 @@ def run(args) -> int:
     elif args.weights is None:
         raise EvaluationError("--weights NAME|PATH is required (or --format masks --pred DIR)")
 
-    rank, world, started = init_distributed("cpu" if masks else args.device)
-    try:
-        if world > 1 and not masks and args.device == "auto":
-            import torch
-
-            if torch.cuda.is_available():
-                args.device = f"cuda:{torch.cuda.current_device()}"
+    with torchrun_process("cpu" if masks else args.device) as (rank, world, device):
+        if not masks:
+            args.device = device
         segmenter = protocol = None
         if masks:
             dataset = open_dataset(args.data, "masks", predictions=args.pred, label_space=args.labels)
@@ -130,8 +126,3 @@ def run(args) -> int:
             print(result.summary())
             print(f"report written to {args.out} ({', '.join(p.name for p in result.report.values())})")
         return result.exit_code
-    finally:
-        if started:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()

@@ -9,6 +9,8 @@ import signal
 import sys
 from pathlib import Path
 
+from annotations import AnnotationError
+
 from .batch import FORMATS, LABELME_DIR, REPORT
 from .prelabel import DEFAULT_MIN_AREA, DEFAULT_TOLERANCE
 
@@ -50,26 +52,18 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
-    import annotations
-
     from .batch import PredictError, StopFlag, predict_files
     from .cli import segmenter_from_args
-    from .distributed import init_distributed
+    from .distributed import torchrun_process
     from .prelabel import read_name_map
 
     if args.no_copy_image and any(p.suffix.lower() == ".zip" for p in args.inputs) and "labelme" in args.formats:
         raise PredictError("--no-copy-image cannot point at images inside a .zip; drop it or use --embed-image")
     try:
         names = read_name_map(args.map) if args.map else None
-    except annotations.AnnotationError as exc:
+    except AnnotationError as exc:
         raise PredictError(f"--map: {exc}") from exc
-    rank, world, started = init_distributed(args.device)
-    try:
-        if world > 1 and args.device == "auto":
-            import torch
-
-            if torch.cuda.is_available():
-                args.device = f"cuda:{torch.cuda.current_device()}"
+    with torchrun_process(args.device) as (rank, world, args.device):
         segmenter = segmenter_from_args(args)
         stop = StopFlag()
         with stop.on_signals(signal.SIGTERM):
@@ -84,11 +78,6 @@ def run(args) -> int:
         if result.stopped:
             return 128 + signal.SIGTERM
         return result.exit_code
-    finally:
-        if started:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
 
 
 def _summary(args, result) -> None:

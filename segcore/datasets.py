@@ -20,7 +20,18 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from annotations import IGNORE_INDEX
+from annotations import (
+    IGNORE_INDEX,
+    AnnotationError,
+    LabelMapping,
+    convert_file,
+    dataset_names,
+    find_label_files,
+    get_label_space,
+    label_space_for_names,
+    safe_extract_zip,
+    single_top_folder,
+)
 from annotations.limits import MAX_IMAGE_PIXELS, ImageTooLargeError, check_pixels
 
 from .errors import SegcoreError
@@ -329,13 +340,10 @@ class LabelmeDataset(SegmentationDataset):
         return self._display(self.items[int(i)].label)
 
     def _load(self, item: _Item) -> Sample:
-        import annotations
-
         try:
-            conv = annotations.convert_file(item.label, self.label_space, mapping=self.mapping,
-                                            unknown=self.unknown, root=self.upload_root,
-                                            max_pixels=self.max_pixels)
-        except annotations.AnnotationError as exc:
+            conv = convert_file(item.label, self.label_space, mapping=self.mapping, unknown=self.unknown,
+                                root=self.upload_root, max_pixels=self.max_pixels)
+        except AnnotationError as exc:
             message = str(exc)
             if self._tmp is not None:
                 message = message.replace(str(self._tmp) + os.sep, f"{self._display_root}:")
@@ -402,11 +410,9 @@ def _read_class_names(path: Path) -> tuple[str, ...] | None:
 def _space(label_space):
     if label_space is None:
         return None
-    import annotations
-
     try:
-        return annotations.get_label_space(label_space)
-    except annotations.AnnotationError as exc:
+        return get_label_space(label_space)
+    except AnnotationError as exc:
         raise DatasetError(str(exc)) from exc
 
 
@@ -482,11 +488,9 @@ def _open_voc(path: Path, split: str | None, space) -> SegmentationDataset:
 
 def _space_for_names(names, palette=None, name: str = "custom"):
     """The built-in label space with these class names, else one made from them."""
-    import annotations
-
     try:
-        return annotations.label_space_for_names(names, palette=palette, name=name)
-    except annotations.AnnotationError as exc:
+        return label_space_for_names(names, palette=palette, name=name)
+    except AnnotationError as exc:
         raise DatasetError(f"class names: {exc}") from exc
 
 
@@ -540,14 +544,12 @@ def _open_cocostuff164k(path: Path, split: str | None, space) -> SegmentationDat
 
 
 def _open_labelme(path: Path, space, mapping, unknown: str, budget=None, max_pixels=None) -> SegmentationDataset:
-    import annotations
-
     space = space or _space("voc")
     if mapping is not None:
         try:
-            mapping = annotations.LabelMapping.coerce(mapping)
+            mapping = LabelMapping.coerce(mapping)
             mapping.validate(space)
-        except annotations.AnnotationError as exc:
+        except AnnotationError as exc:
             raise DatasetError(str(exc)) from exc
     if unknown not in ("error", "ignore"):
         raise ValueError(f"unknown must be 'error' or 'ignore', got {unknown!r}")
@@ -556,13 +558,13 @@ def _open_labelme(path: Path, space, mapping, unknown: str, budget=None, max_pix
     if path.is_file() and path.suffix.lower() == ".zip":
         tmp = tempfile.mkdtemp(prefix="segcore-labelme-")
         try:
-            annotations.safe_extract_zip(path, tmp, budget=budget)
-        except annotations.AnnotationError as exc:
+            safe_extract_zip(path, tmp, budget=budget)
+        except AnnotationError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             raise DatasetError(str(exc)) from exc
         folder = Path(tmp)
     try:
-        files, top = annotations.find_label_files(folder)
+        files, top = find_label_files(folder)
         if not files:
             raise _layout_error(path, "no labelme .json files found", "labelme")
     except BaseException:
@@ -571,8 +573,8 @@ def _open_labelme(path: Path, space, mapping, unknown: str, budget=None, max_pix
         raise
     # the converter's ids (sub-folders joined by "__"), counted from the folder the user gave or, in a
     # zip of one folder, from inside that folder
-    ids_root = annotations.single_top_folder(folder) if tmp else folder
-    items = [_Item(n, None, f) for n, f in zip(annotations.dataset_names(files, ids_root), files)]
+    ids_root = single_top_folder(folder) if tmp else folder
+    items = [_Item(n, None, f) for n, f in zip(dataset_names(files, ids_root), files)]
     return LabelmeDataset(path.stem if tmp else path.name, path, items, space.class_names, label_space=space,
                           mapping=mapping, unknown=unknown, tmp=tmp, display_root=str(path), upload_root=top,
                           max_pixels=MAX_IMAGE_PIXELS if max_pixels is None else max_pixels)

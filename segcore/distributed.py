@@ -5,10 +5,12 @@ Outside torchrun every function answers as a single process, so callers need no 
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["gather_objects", "init_distributed", "rank_and_world"]
+__all__ = ["barrier", "gather_objects", "init_distributed", "rank_and_world", "torchrun_process"]
 
 
 def init_distributed(device: str = "auto") -> tuple[int, int, bool]:
@@ -35,6 +37,26 @@ def init_distributed(device: str = "auto") -> tuple[int, int, bool]:
     return dist.get_rank(), world, True
 
 
+@contextlib.contextmanager
+def torchrun_process(device: str = "auto") -> Iterator[tuple[int, int, str]]:
+    """``(rank, world_size, device)`` for a command that runs alone or under torchrun: the process group
+    as :func:`init_distributed` starts it, ``auto`` turned into this rank's GPU under torchrun, and the
+    group ended on the way out when this call started it."""
+    rank, world, started = init_distributed(device)
+    try:
+        if world > 1 and device == "auto":
+            import torch
+
+            if torch.cuda.is_available():
+                device = f"cuda:{torch.cuda.current_device()}"
+        yield rank, world, device
+    finally:
+        if started:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
 def rank_and_world() -> tuple[int, int]:
     """``(rank, world_size)`` of the running process group, ``(0, 1)`` without one."""
     import torch.distributed as dist
@@ -53,3 +75,11 @@ def gather_objects(obj: Any, world: int) -> list:
     out: list = [None] * world
     dist.all_gather_object(out, obj)
     return out
+
+
+def barrier(world: int) -> None:
+    """Wait for every rank (nothing to wait for in a single process)."""
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()

@@ -1,7 +1,7 @@
 """Why an evaluation scored nothing, and what the user can do about it.
 
 Kept apart from the evaluation loop: the CLI and the app call :func:`nothing_evaluated` on a finished
-:class:`~segcore.evaluate.EvaluationResult`; when no image could be scored it returns one message (the
+:class:`~segcore.evaluation.EvaluationResult`; when no image could be scored it returns one message (the
 labels the model does not know, the files that use them, the ways out) instead of a report of NaNs.
 """
 

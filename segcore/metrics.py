@@ -36,14 +36,12 @@ import math
 from typing import Any
 
 import numpy as np
+import torch
+import torch.distributed as dist
+
 from annotations import IGNORE_INDEX
 
 from .errors import SegcoreError
-
-try:  # torch is a runtime dependency of segcore, but keep the numpy path importable alone
-    import torch
-except ImportError:  # pragma: no cover - exercised only in stripped-down installs
-    torch = None  # type: ignore[assignment]
 
 __all__ = [
     "MetricsError",
@@ -61,7 +59,7 @@ class MetricsError(SegcoreError, ValueError):
 
 
 def _is_tensor(x: Any) -> bool:
-    return torch is not None and isinstance(x, torch.Tensor)
+    return isinstance(x, torch.Tensor)
 
 
 def _where(name: str | None) -> str:
@@ -353,10 +351,6 @@ class ConfusionMatrix:
         Works with gloo (CPU tensor) and nccl (CUDA tensor on the current
         device).  Every rank must call it.  Returns self.
         """
-        if torch is None:
-            return self
-        import torch.distributed as dist
-
         if not (dist.is_available() and dist.is_initialized()):
             return self
         n = self.n_classes

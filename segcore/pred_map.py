@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from annotations import AnnotationError, LabelMapping, builtin_label_space, label_space_for_names
+
 from .errors import SegcoreError
 
 __all__ = ["BUILTIN", "PredictionMap", "PredictionMapError", "prediction_map"]
@@ -56,20 +58,16 @@ class PredictionMap:
 
 
 def _space_name(names) -> str | None:
-    import annotations
-
-    space = annotations.builtin_label_space(tuple(names))
+    space = builtin_label_space(tuple(names))
     return None if space is None else space.name
 
 
 def _build(name: str, rules, model_names, eval_names) -> PredictionMap:
-    import annotations
-
     try:
-        mapping = annotations.LabelMapping.coerce(rules)
-        space = annotations.label_space_for_names(tuple(eval_names))
+        mapping = LabelMapping.coerce(rules)
+        space = label_space_for_names(tuple(eval_names))
         mapping.validate(space)
-    except annotations.AnnotationError as exc:
+    except AnnotationError as exc:
         raise PredictionMapError(f"prediction mapping {name}: {exc}") from exc
     table = np.full(len(model_names), IGNORE, np.int64)
     unmapped = []

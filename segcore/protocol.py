@@ -161,6 +161,9 @@ def predict_sample(segmenter, sample, protocol: Protocol, where: str = "image") 
     if protocol.name == "reference":
         return reference_predict(segmenter, sample.image, sample.label, protocol, where,
                                  getattr(sample, "label_dtype", None))
+    # one image per forward pass, not predict_batch: a batched pass moves the logits in their last bits
+    # (up to 3e-5 measured on the CPU), so the scores would depend on which images share a batch and
+    # on the number of processes sharding the dataset
     return segmenter.predict(sample.image).label_map, sample.label
 
 

@@ -16,11 +16,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from annotations import palette_image
+from annotations import builtin_label_space, get_label_space, palette_image, voc_colormap
 
 from .checkpoint import load_model, resolve_checkpoint
 from .crf import DenseCRF
-from .errors import CheckpointError, LabelCountError, OptionError
+from .errors import LabelCountError, OptionError
 from .image import MAX_IMAGE_PIXELS, load_image, resize_long_side
 from .model import BGR_MEAN, DEFAULT_SCALES, msc_forward
 from .fast import FastPath, uses_fast_path
@@ -299,23 +299,21 @@ class Segmenter:
 
 
 def _labels_for(ckpt, label_space) -> tuple[tuple[str, ...], np.ndarray]:
-    import annotations
-
     if label_space is not None:
-        space = annotations.get_label_space(label_space)
+        space = get_label_space(label_space)
     elif ckpt.meta.get("label_space") in ("voc", "cocostuff") and not ckpt.meta.get("class_names"):
-        space = annotations.get_label_space(ckpt.meta["label_space"])
+        space = get_label_space(ckpt.meta["label_space"])
     elif ckpt.meta.get("class_names"):
         names = tuple(ckpt.meta["class_names"])
-        space = annotations.builtin_label_space(names)
+        space = builtin_label_space(names)
         if space is None:
-            return names, annotations.voc_colormap(len(names))
+            return names, voc_colormap(len(names))
     else:
         by_count = {21: "voc", 182: "cocostuff"}
         if ckpt.n_classes not in by_count:
             names = tuple(f"class_{i}" for i in range(ckpt.n_classes))
-            return names, annotations.voc_colormap(ckpt.n_classes)
-        space = annotations.get_label_space(by_count[ckpt.n_classes])
+            return names, voc_colormap(ckpt.n_classes)
+        space = get_label_space(by_count[ckpt.n_classes])
     names = tuple(space.class_names)
     if len(names) != ckpt.n_classes:
         raise LabelCountError(f"{ckpt.path or 'checkpoint'}: the checkpoint has {ckpt.n_classes} classes but the label set "

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from .errors import OptionError, SegcoreError
-from .image import MAX_IMAGE_PIXELS, resize_long_side
+from .image import MAX_IMAGE_PIXELS
 from .segmenter import blend_overlay
 
 # audio codecs an MP4/MOV file can carry as they are; anything else is re-encoded to AAC there
@@ -142,14 +142,14 @@ class _Labeller:
 
     def __call__(self, frames: list[np.ndarray]) -> list[np.ndarray]:
         seg = self.seg
-        resized = [resize_long_side(f, seg.test_size) for f in frames]
+        prepared = [seg.preprocess(f) for f in frames]
         start = time.perf_counter()
-        logits = seg.logits(seg.to_tensor(resized))
+        logits = seg.logits(seg.to_tensor([small for _, small in prepared]))
         if logits.device.type == "cuda":
             torch.cuda.synchronize(logits.device)
         self.model_seconds += time.perf_counter() - start
         out = []
-        for row, (rgb, small) in enumerate(zip(frames, resized)):
+        for row, (rgb, small) in enumerate(prepared):
             if self.smoothing <= 0:
                 out.append(seg.postprocess(logits[row], rgb, small).label_map)
             else:
@@ -193,6 +193,8 @@ def segment_video(segmenter, src, dst, *, opacity: float = 0.5, frame_stride: in
     if int(batch_size) < 1:
         raise OptionError(f"batch_size must be at least 1, got {batch_size}")
     frame_stride, batch_size, opacity = int(frame_stride), int(batch_size), float(opacity)
+    # every frame's size is checked on the container's header below, against this call's max_pixels
+    segmenter = segmenter.with_options(max_pixels=None)
     if test_size is not None:
         segmenter = segmenter.with_options(test_size=int(test_size))
 

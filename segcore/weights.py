@@ -14,6 +14,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from annotations import get_label_space
+
 from .errors import DownloadError
 from .model import BGR_MEAN
 
@@ -36,7 +38,6 @@ class Weights:
     """Published scores in percent (PA, MA, mIoU, FWIoU; mIoU with CRF where given)."""
     url: str = ""
     mean_bgr: tuple = BGR_MEAN
-    test_size: int = 513
     crf: dict = field(default_factory=lambda: dict(DEFAULT_CRF))
     sha256: str | None = None
     dataset_format: str | None = None
@@ -51,8 +52,6 @@ class Weights:
         return cache_dir() / self.filename
 
     def label_space(self):
-        from annotations import get_label_space
-
         return get_label_space(self.label_space_name)
 
     def fetch(self, *, progress: bool = True) -> Path:

@@ -55,6 +55,29 @@ def tiny_checkpoint(path, n_classes: int = 21, seed: int = 0, meta: dict | None 
     return save_checkpoint(path, model.state_dict(), meta)
 
 
+def tiny_cfg(**sections):
+    """A training config for seconds on a CPU: tiny ResNet, synthetic 32 px data, 6 iterations; ``sections``
+    update (a dict) or replace one section."""
+    from train.config import config_from_dict
+
+    base = {
+        "name": "t",
+        "model": {"n_blocks": list(TINY_BLOCKS), "width": list(TINY_WIDTH), "atrous_rates": [1, 2],
+                  "msc_scales": [0.5, 0.75]},
+        "data": {"synthetic": {"enabled": True, "n_train": 8, "n_val": 3, "size": 32, "n_classes": 4},
+                 "scales": [0.75, 1.0, 1.25], "crop_size": 32, "num_workers": 0},
+        "solver": {"iterations": 6, "batch_size": 2, "iter_size": 2, "lr": 1e-3, "lr_step": 1, "seed": 3},
+        "log": {"every": 1, "val_every": 0, "save_every": 100, "tensorboard": False, "progress": False},
+        "runtime": {"device": "cpu"},
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            base.setdefault(section, {}).update(values)
+        else:
+            base[section] = values
+    return config_from_dict(base)
+
+
 def scene_image(h: int, w: int, seed: int = 0) -> np.ndarray:
     """A smooth synthetic RGB photo stand-in: gradients plus a few coloured discs and boxes."""
     rng = np.random.default_rng(seed)

@@ -7,85 +7,27 @@ annotations called directly, or are computed by hand in the test.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
-import os
 import re
-import socket
-import subprocess
-import sys
+import threading
 import time
-import urllib.request
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+from app_server import TEST_SIZE, free_port, running_app
 from factories import scene_image, tiny_checkpoint
 from labelme_fixtures import generate_folder, write_labelme
 from PIL import Image
+from video_files import make_video
 
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file
 
-REPO = Path(__file__).resolve().parent.parent
-TEST_SIZE = 65
 MAX_IMAGE_PIXELS = 200_000
 MAX_VIDEO_SECONDS = 3
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def running_app(workdir: Path, weights, **env_extra):
-    """Start ``python app.py`` on 127.0.0.1 and a free port; yield its URL once it answers."""
-    with running_server(workdir, weights, **env_extra) as (url, _):
-        yield url
-
-
-@contextlib.contextmanager
-def running_server(workdir: Path, weights, *args, **env_extra):
-    """:func:`running_app` that also yields the server's process (``(url, proc)``); ``args`` go to app.py."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    env = {**os.environ, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
-           "SEGCORE_WEIGHTS": str(weights), "SEGCORE_HOME": str(workdir / "home"),
-           "SEGCORE_APP_DIR": str(workdir / "app"), "GRADIO_TEMP_DIR": str(workdir / "gradio"),
-           "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
-           **{k: str(v) for k, v in env_extra.items()}}
-    log = workdir / "server.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, str(REPO / "app.py"), *args], cwd=REPO, env=env, stdout=out,
-                                stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the app exited with {proc.returncode}:\n{log.read_text()}")
-            try:
-                with urllib.request.urlopen(url, timeout=2) as r:
-                    # and Gradio's own check of the URL is over: it ends launch() when slow (a busy machine)
-                    if r.status == 200 and b"To create a public link" in log.read_bytes():
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the app did not answer within 180 s:\n{log.read_text()}")
-            time.sleep(0.3)
-        yield url, proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -218,26 +160,10 @@ def test_v3_checkpoint_upload_segments_like_the_segmenter(client, tmp_path):
 # ----------------------------------------------------------------------------- video
 
 
-def write_video(path: Path, frames: int, fps: int = 8, size=(64, 48)) -> Path:
-    import av
-
-    w, h = size
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("mpeg4", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        for i in range(frames):
-            img = np.roll(scene_image(h, w, seed=2), 3 * i, axis=1)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
-    return path
-
-
 def test_segment_video(client, tmp_path):
     import av
 
-    src = write_video(tmp_path / "clip.mp4", frames=12)
+    src = make_video(tmp_path / "clip.mp4", frames=12, size=(64, 48), fps=8, codec="mpeg4")
     out, info = call(client, "/segment_video", handle_file(str(src)), *MODEL, 0.5, 1, 0.0)
     path = out["video"] if isinstance(out, dict) else out
     with av.open(path) as container:
@@ -248,20 +174,54 @@ def test_segment_video(client, tmp_path):
     assert "12 frames" in info
 
 
-def test_cancel_video(client, tmp_path):
-    src = write_video(tmp_path / "longer.mp4", frames=90, fps=30, size=(160, 120))
-    job = client.submit(handle_file(str(src)), *MODEL, 0.5, 1, 0.0, api_name="/segment_video")
-    deadline = time.monotonic() + 120
-    while not (job.status().progress_data or job.done()) and time.monotonic() < deadline:
-        time.sleep(0.05)  # wait until frames are being segmented
-    assert not job.done(), "the video finished before it could be cancelled"
-    client.predict(api_name="/cancel_video")  # the same client: the same session
-    video, info = job.result(timeout=120)
-    assert video is None and info.startswith("Cancelled")
+def test_cancel_reaches_a_running_video_job(app_files, tmp_path, monkeypatch):
+    """Cancel stops a job in flight at its next check and leaves no partial video.
+
+    A handshake instead of a race against the clock: the app runs in this process, and its call to
+    segcore's segment_video is held after the first batch until the Cancel request has set the job's flag,
+    so the job can neither finish first nor miss the request."""
+    from demo import AppConfig, build_app, launch
+    from segcore import video as segvideo
+
+    real, started = segvideo.segment_video, threading.Event()
+
+    def held_after_the_first_batch(*args, progress, cancel, **kwargs):
+        def report(done, total):
+            progress(done, total)
+            if not started.is_set():
+                started.set()
+                deadline = time.monotonic() + 120
+                while not cancel():  # waits for the Cancel request, whenever it comes
+                    assert time.monotonic() < deadline, "the Cancel request never reached the job"
+                    time.sleep(0.01)
+
+        return real(*args, progress=report, cancel=cancel, **kwargs)
+
+    monkeypatch.setattr(segvideo, "segment_video", held_after_the_first_batch)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # launch() lowers it process-wide
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+    _, ckpt = app_files
+    demo = build_app(AppConfig(weights=str(ckpt), device="cpu", work_dir=tmp_path / "app"))
+    port = free_port()
+    launch(demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        src = make_video(tmp_path / "clip.mp4", frames=24, size=(64, 48), fps=8, codec="mpeg4")
+        job = client.submit(handle_file(str(src)), *MODEL, 0.5, 1, 0.0, api_name="/segment_video")
+        assert started.wait(120), f"the job never finished its first batch: {job.status()}"
+        client.predict(api_name="/cancel_video")  # the same client: the same session
+        video, info = job.result(timeout=120)
+    finally:
+        demo.close()
+    # batches of 4 frames: the check before the second batch stopped it
+    assert video is None and info == "Cancelled: clip.mp4: cancelled after 4 frames"
+    assert not [p.name for p in (tmp_path / "app").rglob("*.mp4")]
 
 
 def test_video_limits_and_bad_files(client, tmp_path):
-    long = write_video(tmp_path / "long.mp4", frames=8 * (MAX_VIDEO_SECONDS + 2))
+    long = make_video(tmp_path / "long.mp4", frames=8 * (MAX_VIDEO_SECONDS + 2), size=(64, 48), fps=8,
+                      codec="mpeg4")
     with pytest.raises(Exception, match=r"^long.mp4: 5.0 s long, over the limit of 3 s"):
         call(client, "/segment_video", handle_file(str(long)), *MODEL, 0.5, 1, 0.0)
     junk = tmp_path / "junk.mp4"
@@ -329,7 +289,7 @@ def test_evaluate_with_the_reference_protocol(client, app_files, tmp_path):
 def test_compare_api_matches_segcore_compare(client, app_files, tmp_path):
     """/compare: two checkpoints (one uploaded) on the same labelme zip, as segcore.compare computes it."""
     import segcore
-    from segcore.compare import compare
+    from segcore.comparison import compare
 
     _, ckpt = app_files
     other = tiny_checkpoint(tmp_path / "other.pth", seed=9)

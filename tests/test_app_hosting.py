@@ -14,10 +14,11 @@ from pathlib import Path
 import gradio as gr
 import numpy as np
 import pytest
+from app_server import TEST_SIZE, running_server
 from factories import scene_image, tiny_checkpoint
 from labelme_fixtures import generate_folder, write_labelme
 from PIL import Image
-from test_app import TEST_SIZE, running_server, write_video
+from video_files import make_video
 
 from gradio_client import Client, handle_file
 
@@ -129,7 +130,7 @@ def test_jobs_leave_only_their_results(server, tmp_path):
                   False, TEST_SIZE, api_name="/evaluate")
     assert files_under(jobs) == before  # failed jobs: nothing left
 
-    clip = write_video(tmp_path / "clip.mp4", frames=240, fps=30, size=(160, 120))
+    clip = make_video(tmp_path / "clip.mp4", frames=240, size=(160, 120), fps=30, codec="mpeg4")
     job = c.submit(handle_file(str(clip)), "tiny.pth", False, False, TEST_SIZE, 0.5, 1, 0.0,
                    api_name="/segment_video")
     deadline = time.monotonic() + 120

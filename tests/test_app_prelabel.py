@@ -9,6 +9,7 @@ from pathlib import Path
 import labelme
 import numpy as np
 import pytest
+from app_server import TEST_SIZE, running_app
 from factories import upscaled_images
 from PIL import Image
 
@@ -16,9 +17,8 @@ import annotations
 
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
-from test_app import running_app  # noqa: E402
 
-MODEL = ("final.pth", False, False, 65)  # weights, multi-scale, CRF, test size
+MODEL = ("final.pth", False, False, TEST_SIZE)  # weights, multi-scale, CRF, test size
 
 
 @pytest.fixture(scope="module")

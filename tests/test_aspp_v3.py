@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from factories import TINY_BLOCKS, TINY_WIDTH, randomize_, tiny_checkpoint, tiny_model
 
-from segcore import CheckpointError, build_model, load_model, read_checkpoint, save_checkpoint
+from segcore import CheckpointError, build_model, load_model
+from segcore.checkpoint import read_checkpoint, save_checkpoint
 from segcore.checkpoint import load_state_strict
 
 
@@ -151,7 +152,7 @@ def test_a_v3_checkpoint_serves_predict_evaluate_and_video(tmp_path):
     import numpy as np
     from factories import scene_image
     from PIL import Image
-    from test_video import make_video, read_video
+    from video_files import make_video, read_video
 
     from segcore import Segmenter, evaluate, open_dataset, segment_video
 

@@ -20,7 +20,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve
 from browser_helpers import CHROMIUM_ARGS, REPO, chromium_path, set_fast_options
 from factories import tiny_checkpoint
 from labelme_fixtures import generate_folder
-from test_app import running_app
+from app_server import running_app
 
 pytestmark = pytest.mark.browser
 
@@ -65,6 +65,22 @@ def test_image_upload_shows_overlay_and_legend(page):
     overlay = page.wait_for_selector("#overlay img")
     assert overlay.evaluate("img => img.complete && img.naturalWidth > 0")
     page.wait_for_selector("#mask-file a[download='cat_mask.png']")
+
+
+def test_webcam_stream_segments_the_camera_frames(page):
+    """Chromium's synthetic camera streams through the webcam endpoint: frames come back segmented at the
+    camera's size, and the rate line counts them (it shows a number only from the second frame on)."""
+    page.get_by_role("tab", name="Webcam").click()
+    page.locator("#webcam-input").get_by_text("Click to Access Webcam").click()
+    page.locator("#webcam-input button.capture-button").click()
+    sizes = page.wait_for_function("""() => {
+        const rate = document.querySelector('#webcam-fps').innerText.trim();
+        const v = document.querySelector('#webcam-input video');
+        const i = document.querySelector('#webcam-output img');
+        if (!/^[0-9]+\\.[0-9] frames\\/s$/.test(rate) || !i || !i.complete || !i.naturalWidth) return null;
+        return {camera: [v.videoWidth, v.videoHeight], segmented: [i.naturalWidth, i.naturalHeight]};
+    }""").json_value()
+    assert sizes["camera"][0] > 0 and sizes["segmented"] == sizes["camera"], sizes
 
 
 def test_evaluate_tab_draws_the_iou_chart(page, tmp_path):

@@ -7,7 +7,7 @@ import zipfile
 import pytest
 from browser_helpers import CHROMIUM_ARGS, chromium_path, set_fast_options
 from factories import upscaled_images
-from test_app import running_app
+from app_server import running_app
 
 pytestmark = pytest.mark.browser
 

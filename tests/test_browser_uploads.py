@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from browser_helpers import REPO
 from factories import tiny_checkpoint
-from test_app import running_app
+from app_server import running_app
 
 pytestmark = pytest.mark.browser
 

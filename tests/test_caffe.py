@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from segcore import CheckpointError, build_model, load_model, read_checkpoint
+from segcore import CheckpointError, build_model, load_model
+from segcore.checkpoint import read_checkpoint
 from segcore.caffe import (
     convert_caffe_file,
     convert_caffemodel,

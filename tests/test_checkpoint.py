@@ -5,7 +5,8 @@ import pytest
 import torch
 from factories import TINY_BLOCKS, TINY_WIDTH, tiny_model
 
-from segcore import CheckpointError, SegcoreError, build_model, load_model, read_checkpoint, save_checkpoint
+from segcore import CheckpointError, SegcoreError, build_model, load_model
+from segcore.checkpoint import read_checkpoint, save_checkpoint
 from segcore.checkpoint import read_backbone, read_checkpoint_file
 
 

@@ -8,9 +8,10 @@ import json
 import numpy as np
 import pytest
 
+from dataset_files import make_voc
 from factories import tiny_checkpoint
 from reference_test_loop import scores as reference_scores
-from test_protocol import make_voc, run_cli
+from segcore_cli import run_cli
 
 SMALL = ((60, 80), (80, 60), (50, 70), (64, 48), (72, 72), (40, 90))
 
@@ -107,9 +108,10 @@ def test_cocostuff_model_on_voc_labelme_through_the_builtin_mapping(tmp_path, ck
     generate_folder(tmp_path / "lm", 3, seed=4, size=(72, 56), n_shapes=5)
     args = ["evaluate", "--weights", ckpts["coco"], "--labels", "voc", "--data", tmp_path / "lm",
             "--out", tmp_path / "out", "--no-progress", "--unknown", "ignore"]
-    assert run_cli(args) in (0, 1)
+    assert run_cli(args) == 0  # shapes reaching outside the images are warnings, not failures
     doc = json.loads((tmp_path / "out/scores.json").read_text())
     assert doc["options"]["pred_map"] == "cocostuff->voc" and len(doc["class_names"]) == 21
+    assert doc["failures"] == [] and doc["summary"]["evaluated"] == 3
 
     # independent: predictions of the 182-class model mapped by a table written here, reference scores()
     table_names = {"airplane": "aeroplane", "bicycle": "bicycle", "bird": "bird", "boat": "boat",
@@ -173,7 +175,7 @@ def test_torchrun_compare_gives_the_same_comparison(tmp_path, voc, ckpts):
 
 def test_grouped_bars_show_each_model_and_mark_absent_classes(tmp_path, voc, ckpts):
     from segcore import Segmenter, open_dataset
-    from segcore.compare import compare, comparison_figures
+    from segcore.comparison import compare, comparison_figures
 
     segs = [Segmenter.from_pretrained(ckpts[k], scales=(), device="cpu", precision="fp32") for k in "ab"]
     result = compare(segs, open_dataset(voc, "voc"), labels=["a", "b"], progress=False)

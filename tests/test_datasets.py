@@ -6,85 +6,19 @@ import zipfile
 
 import numpy as np
 import pytest
+from dataset_files import (labelme_folder, labelme_json, random_label, rgb, save_image, save_palette_png,
+                           voc_folder)
 from PIL import Image
 
 import annotations as A
 from segcore.datasets import DatasetError, Sample, detect_format, open_dataset
 
-# ----------------------------------------------------------------------------- builders (test_evaluate too)
-
-
-def rgb(h, w, seed=0):
-    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
-
-
-def save_palette_png(path, label, palette=None):
-    """A "P" PNG whose colours are NOT the indices (a reader decoding RGB would get other values)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img = Image.fromarray(label.astype(np.uint8), mode="P")
-    pal = A.voc_colormap(256) if palette is None else palette
-    img.putpalette(np.asarray(pal, np.uint8).ravel().tolist())
-    img.save(path)
-    return path
-
-
-def save_image(path, array):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path)
-    return path
-
-
-def random_label(h, w, n, seed=0, ignore=True):
-    rng = np.random.default_rng(seed)
-    lab = rng.integers(0, n, (h, w)).astype(np.uint8)
-    if ignore:
-        lab[rng.random((h, w)) < 0.1] = 255
-    return lab
-
-
-def labelme_json(folder, stem, image, shapes):
-    """A labelme file plus its PNG beside it (imagePath); ``shapes`` are (label, shape_type, points)."""
-    from labelme_fixtures import write_labelme
-
-    return write_labelme(folder / f"{stem}.json",
-                         [{"label": label, "points": [[float(x), float(y)] for x, y in pts], "group_id": None,
-                           "shape_type": kind, "flags": {}, "description": ""} for label, kind, pts in shapes],
-                         image, embed=False)
-
-
-def labelme_folder(folder, count=4, h=40, w=56):
-    """``count`` labelme files with person/dog/car rectangles and polygons."""
-    from factories import scene_image
-
-    rng = np.random.default_rng(7)
-    for k in range(count):
-        shapes = []
-        for label in ("person", "dog", "car")[: 1 + k % 3]:
-            x0, y0 = rng.uniform(0, w * 0.6), rng.uniform(0, h * 0.6)
-            x1, y1 = x0 + rng.uniform(8, w * 0.4), y0 + rng.uniform(8, h * 0.4)
-            if k % 2:
-                shapes.append((label, "rectangle", [(x0, y0), (x1, y1)]))
-            else:
-                shapes.append((label, "polygon", [(x0, y0), (x1, y0 + 3), (x0 + 4, y1)]))
-        labelme_json(folder, f"img{k}", scene_image(h, w, seed=k), shapes)
-    return folder
-
-
 # ----------------------------------------------------------------------------- VOC
-
-
-def _voc(root, ids, n=21, h=24, w=32, label_dir="SegmentationClass"):
-    labels = {}
-    for k, i in enumerate(ids):
-        save_image(root / "JPEGImages" / f"{i}.jpg", rgb(h, w, k))
-        labels[i] = random_label(h, w, n, seed=k)
-        save_palette_png(root / label_dir / f"{i}.png", labels[i])
-    return labels
 
 
 def test_voc_folder_reads_indices_and_defaults_to_val(tmp_path):
     root = tmp_path / "VOCdevkit" / "VOC2012"
-    labels = _voc(root, ["a", "b", "c"])
+    labels = voc_folder(root, ["a", "b", "c"])
     (root / "ImageSets" / "Segmentation").mkdir(parents=True)
     (root / "ImageSets" / "Segmentation" / "val.txt").write_text("a\nc\n")
     (root / "ImageSets" / "Segmentation" / "train.txt").write_text("b\n")
@@ -100,7 +34,7 @@ def test_voc_folder_reads_indices_and_defaults_to_val(tmp_path):
 
 
 def test_voc_train_aug_two_path_lines(tmp_path):
-    labels = _voc(tmp_path, ["x1", "x2"], label_dir="SegmentationClassAug")
+    labels = voc_folder(tmp_path, ["x1", "x2"], label_dir="SegmentationClassAug")
     # SegmentationClassAug masks are plain grayscale PNGs
     Image.fromarray(labels["x2"], mode="L").save(tmp_path / "SegmentationClassAug" / "x2.png")
     (tmp_path / "ImageSets" / "SegmentationAug").mkdir(parents=True)
@@ -208,7 +142,7 @@ def test_masks_pairs_by_stem_and_reports_unpaired(tmp_path):
 
 
 def test_image_without_mask_and_mask_of_other_size_name_the_file(tmp_path):
-    _voc(tmp_path, ["ok", "nomask", "small"])
+    voc_folder(tmp_path, ["ok", "nomask", "small"])
     (tmp_path / "SegmentationClass" / "nomask.png").unlink()
     save_palette_png(tmp_path / "SegmentationClass" / "small.png", np.zeros((5, 7), np.uint8))
     ds = open_dataset(tmp_path)  # no ImageSets: every image
@@ -220,7 +154,7 @@ def test_image_without_mask_and_mask_of_other_size_name_the_file(tmp_path):
 
 
 def test_unreadable_and_rgb_masks_are_errors(tmp_path):
-    _voc(tmp_path, ["a", "b"])
+    voc_folder(tmp_path, ["a", "b"])
     (tmp_path / "SegmentationClass" / "a.png").write_bytes(b"not a png")
     Image.fromarray(rgb(24, 32)).save(tmp_path / "SegmentationClass" / "b.png")
     ds = open_dataset(tmp_path)
@@ -238,7 +172,7 @@ def test_empty_missing_and_unknown(tmp_path):
         open_dataset(tmp_path / "nope")
     with pytest.raises(DatasetError, match="unknown dataset format 'kitti'"):
         open_dataset(tmp_path / "empty", "kitti")
-    _voc(tmp_path / "v", ["a"])
+    voc_folder(tmp_path / "v", ["a"])
     (tmp_path / "v" / "ImageSets" / "Segmentation").mkdir(parents=True)
     (tmp_path / "v" / "ImageSets" / "Segmentation" / "val.txt").write_text("\n")
     with pytest.raises(DatasetError, match=r"(?s)val\.txt: the list file is empty.*JPEGImages/<id>\.jpg"):

@@ -12,14 +12,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from factories import tiny_checkpoint
+from dataset_files import labelme_folder, labelme_json, random_label, rgb, save_palette_png, voc_folder
+from factories import scene_image, tiny_checkpoint
 from PIL import Image
-from test_datasets import _voc, labelme_folder, random_label, save_palette_png
 
 import annotations as A
 from segcore.cli import main
 from segcore.datasets import SegmentationDataset, open_dataset
-from segcore.evaluate import EvaluationError, evaluate
+from segcore.evaluation import EvaluationError, evaluate
 
 TEST_SIZE = 65
 
@@ -123,7 +123,7 @@ def test_labelme_end_to_end_and_torchrun_give_the_same_report(tmp_path, ckpt, se
 
 
 def test_bad_files_are_recorded_and_the_run_goes_on(tmp_path, segmenter):
-    labels = _voc(tmp_path, ["good", "nomask", "small", "outofrange", "good2"])
+    labels = voc_folder(tmp_path, ["good", "nomask", "small", "outofrange", "good2"])
     (tmp_path / "SegmentationClass" / "nomask.png").unlink()
     save_palette_png(tmp_path / "SegmentationClass" / "small.png", np.zeros((5, 7), np.uint8))
     bad = labels["outofrange"].copy()
@@ -189,8 +189,6 @@ def test_empty_and_unusable_inputs_are_clear_errors(tmp_path, ckpt, segmenter, c
 
 
 def test_labelme_mapping_file_and_unknown_labels(tmp_path, ckpt, capsys):
-    from test_datasets import labelme_json, rgb
-
     labelme_json(tmp_path / "lm", "a", rgb(24, 24), [("human", "rectangle", [(2, 2), (14, 14)])])
     assert _run_cli(["--weights", ckpt, "--data", tmp_path / "lm", "--test-size", TEST_SIZE, "--scales",
                      "--device", "cpu", "--out", tmp_path / "o1"]) == 2  # nothing scored: a message, no report
@@ -209,7 +207,7 @@ def test_cuda_evaluation_matches_a_direct_count(tmp_path, ckpt):
 
     seg = Segmenter.from_pretrained(str(ckpt), scales=(), test_size=TEST_SIZE, device="cuda",
                                     precision="fp32")
-    labels = _voc(tmp_path, ["a", "b"])
+    labels = voc_folder(tmp_path, ["a", "b"])
     result = evaluate(seg, open_dataset(tmp_path), protocol="resize", progress=False)
     preds = [seg.predict(tmp_path / "JPEGImages" / f"{n}.jpg").label_map for n in ("a", "b")]
     matrix, _ = _hand_scores([labels["a"], labels["b"]], preds, 21)
@@ -217,9 +215,6 @@ def test_cuda_evaluation_matches_a_direct_count(tmp_path, ckpt):
 
 
 def test_conversion_warnings_are_kept_and_reported(tmp_path, segmenter):
-    from factories import scene_image
-    from test_datasets import labelme_json
-
     data = labelme_folder(tmp_path / "lm", count=2)
     # shape 1 is a two-point polygon: labelme draws nothing for it, so the file converts with a warning
     labelme_json(data, "thin", scene_image(40, 56, seed=3),

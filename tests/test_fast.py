@@ -8,7 +8,8 @@ from factories import TINY_BLOCKS, TINY_WIDTH, randomize_, scene_image, tiny_mod
 
 import annotations
 import segcore.fast as segcore_fast
-from segcore import Segmenter, build_model, msc_forward
+from segcore import Segmenter, build_model
+from segcore.model import msc_forward
 from segcore.fast import (
     FastPath,
     fold_batchnorm,

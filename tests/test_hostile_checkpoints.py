@@ -15,7 +15,8 @@ import torch
 from factories import TINY_BLOCKS, TINY_WIDTH, tiny_model
 
 import annotations
-from segcore import CheckpointError, Segmenter, build_model, load_model, validate_checkpoint
+from segcore import CheckpointError, Segmenter, build_model, load_model
+from segcore.checkpoint import validate_checkpoint
 from segcore.checkpoint import MAX_PARAMETERS, check_architecture, check_shapes, estimate_parameters
 from segcore.video import AUDIO_TAIL_SECONDS, audio_packet_wanted, segment_video
 

@@ -20,7 +20,8 @@ from PIL import Image, ImageDraw, ImageFile
 
 import annotations as A
 from annotations.rasterize import PILLOW_MAX_RADIUS
-from segcore import DatasetError, ImageError, check_image_size, open_dataset
+from segcore import DatasetError, ImageError, open_dataset
+from segcore.image import check_image_size
 
 # labelme's examples/semantic_segmentation/data_annotated (wkentaro/labelme@51e50e4): file names, labelme
 # version, imagePath, image sizes and labels as there; shapes and pixels generated (labelme is GPL-3.0,

@@ -3,7 +3,8 @@ import torch
 from factories import TINY_BLOCKS, TINY_CH, TINY_WIDTH, randomize_, tiny_model
 from reference_deeplab import reference_model
 
-from segcore import build_model, msc_forward
+from segcore import build_model
+from segcore.model import msc_forward
 
 
 def rel_err(a, b):

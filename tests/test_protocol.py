@@ -7,80 +7,16 @@ import json
 
 import numpy as np
 import pytest
-import scipy.io
 import torch
-from PIL import Image
 
-from factories import TINY_BLOCKS, TINY_CH, randomize_, scene_image, tiny_checkpoint
+from dataset_files import SIZES, make_cocostuff10k, make_cocostuff164k, make_voc
+from factories import TINY_BLOCKS, TINY_CH, randomize_, tiny_cfg, tiny_checkpoint
 from reference_deeplab import reference_model
 from reference_test_loop import cocostuff10k_items, cocostuff164k_items, run_test_loop, voc_items
+from segcore_cli import run_cli
 
-SIZES = ((375, 500), (500, 375), (500, 333), (480, 640))  # (h, w)
 KEYS = {"pixel_accuracy": "Pixel Accuracy", "mean_accuracy": "Mean Accuracy", "mean_iou": "Mean IoU",
         "fw_iou": "Frequency Weighted IoU"}
-
-
-def label_map(h: int, w: int, classes, seed: int) -> np.ndarray:
-    """Smooth regions of a few classes with a thin ignore (255) band, like VOC object borders."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    field = np.zeros((h, w), np.float32)
-    for _ in range(4):
-        fy, fx = rng.uniform(0.005, 0.03, 2)
-        field += np.sin(yy * fy + rng.uniform(0, 6)) * np.cos(xx * fx + rng.uniform(0, 6))
-    bins = np.quantile(field, np.linspace(0, 1, len(classes) + 1)[1:-1])
-    idx = np.digitize(field, bins)
-    label = np.asarray(classes, np.int64)[idx]
-    edge = np.zeros((h, w), bool)
-    edge[:, 1:] |= idx[:, 1:] != idx[:, :-1]
-    edge[1:] |= idx[1:] != idx[:-1]
-    label[edge] = 255
-    return label
-
-
-def _jpeg(path, h, w, seed):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(scene_image(h, w, seed)).save(path, quality=92)
-
-
-def make_voc(root, sizes=SIZES):
-    (root / "ImageSets/Segmentation").mkdir(parents=True)
-    (root / "SegmentationClass").mkdir(parents=True)
-    ids = []
-    for k, (h, w) in enumerate(sizes):
-        name = f"2007_{k:06d}"
-        _jpeg(root / "JPEGImages" / f"{name}.jpg", h, w, k)
-        img = Image.fromarray(label_map(h, w, [0, 15, 3, 7, 12][: 3 + k % 3], k).astype(np.uint8), mode="P")
-        img.putpalette(list(np.random.default_rng(0).integers(0, 255, 768)))
-        img.save(root / "SegmentationClass" / f"{name}.png")
-        ids.append(name)
-    (root / "ImageSets/Segmentation/val.txt").write_text("\n".join(ids) + "\n")
-    return root
-
-
-def make_cocostuff10k(root, sizes=SIZES):
-    (root / "imageLists").mkdir(parents=True)
-    (root / "annotations").mkdir(parents=True)
-    ids = []
-    for k, (h, w) in enumerate(sizes):
-        name = f"COCO_train2014_{k:012d}"
-        _jpeg(root / "images" / f"{name}.jpg", h, w, 10 + k)
-        label = label_map(h, w, [0, 1, 96, 150, 182], 10 + k)  # S: 0 = unlabeled, classes 1..182
-        label[label == 255] = 0
-        scipy.io.savemat(root / "annotations" / f"{name}.mat", {"S": label.astype(np.uint16 if k % 2 else np.uint8)})
-        ids.append(name)
-    (root / "imageLists/test.txt").write_text("\n".join(ids) + "\n")
-    return root
-
-
-def make_cocostuff164k(root, sizes=SIZES):
-    for k, (h, w) in enumerate(sizes):
-        name = f"{k:012d}"
-        _jpeg(root / "images/val2017" / f"{name}.jpg", h, w, 20 + k)
-        (root / "annotations/val2017").mkdir(parents=True, exist_ok=True)
-        Image.fromarray(label_map(h, w, [0, 1, 95, 181], 20 + k).astype(np.uint8), mode="L").save(
-            root / "annotations/val2017" / f"{name}.png")
-    return root
 
 
 LAYOUTS = {"voc": (make_voc, lambda r: voc_items(str(r), "val"), 21),
@@ -109,12 +45,6 @@ def crf_datasets(tmp_path_factory, datasets):
 def checkpoints(tmp_path_factory):
     base = tmp_path_factory.mktemp("ckpt")
     return {n: tiny_checkpoint(base / f"tiny{n}.pth", n_classes=n, seed=n) for n in (21, 182)}
-
-
-def run_cli(args) -> int:
-    from segcore.cli import main
-
-    return main([str(a) for a in args])
 
 
 def reference_scores(ckpt, fmt, root, crf, *, tiny=True):
@@ -221,7 +151,6 @@ def test_too_large_image_is_a_clear_failure_naming_the_option(tmp_path, datasets
 
 def test_trainer_validation_equals_segcore_evaluate_on_the_saved_checkpoint(tmp_path):
     import train
-    from test_train import tiny_cfg
 
     run = tmp_path / "run"
     assert train.train(tiny_cfg(), run).status == "finished"

@@ -10,7 +10,8 @@ from PIL import Image
 from reference_deeplab import DenseCRF as RefCRF
 from reference_deeplab import reference_inference, reference_model, reference_preprocessing
 
-from segcore import ImageError, Segmenter, build_model, load_image, resize_long_side
+from segcore import ImageError, Segmenter, build_model
+from segcore.image import load_image, resize_long_side
 from segcore.segmenter import class_argmax, upsample_argmax
 
 

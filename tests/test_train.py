@@ -13,32 +13,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from factories import TINY_BLOCKS, TINY_WIDTH, tiny_model
+from factories import TINY_BLOCKS, TINY_WIDTH, tiny_cfg, tiny_model
 
 import train
 from train import engine
 from train.augmentation import augment
 from train.config import config_from_dict
 from train.data import GlobalBatchSampler, make_synthetic_voc
-
-
-def tiny_cfg(**sections):
-    base = {
-        "name": "t",
-        "model": {"n_blocks": list(TINY_BLOCKS), "width": list(TINY_WIDTH), "atrous_rates": [1, 2],
-                  "msc_scales": [0.5, 0.75]},
-        "data": {"synthetic": {"enabled": True, "n_train": 8, "n_val": 3, "size": 32, "n_classes": 4},
-                 "scales": [0.75, 1.0, 1.25], "crop_size": 32, "num_workers": 0},
-        "solver": {"iterations": 6, "batch_size": 2, "iter_size": 2, "lr": 1e-3, "lr_step": 1, "seed": 3},
-        "log": {"every": 1, "val_every": 0, "save_every": 100, "tensorboard": False, "progress": False},
-        "runtime": {"device": "cpu"},
-    }
-    for section, values in sections.items():
-        if isinstance(values, dict):
-            base.setdefault(section, {}).update(values)
-        else:
-            base[section] = values
-    return config_from_dict(base)
 
 
 def load_pth(path):

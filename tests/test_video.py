@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import tracemalloc
 from fractions import Fraction
 
@@ -9,54 +10,11 @@ import av
 import numpy as np
 import pytest
 from factories import scene_image, tiny_model
+from video_files import make_video, read_video
 
 import annotations
 from segcore import Segmenter
 from segcore.video import VideoCancelled, VideoError, VideoResult, segment_video
-
-
-def make_video(path, frames=24, size=(96, 64), fps=12, audio=False, codec="libx264"):
-    """Write a short clip of moving scene_image content (and a 440 Hz sine track when asked)."""
-    w, h = size
-    scene = scene_image(h, w * 2, seed=1)
-    with av.open(str(path), "w") as out:
-        v = out.add_stream(codec, rate=fps)
-        v.width, v.height, v.pix_fmt = w, h, "yuv420p"
-        a = None
-        if audio:
-            a = out.add_stream("aac", rate=16000)
-            a.layout = "mono"
-        for i in range(frames):
-            shift = (i * 3) % w
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(scene[:, shift:shift + w]), format="rgb24")
-            for p in v.encode(frame):
-                out.mux(p)
-        for p in v.encode(None):
-            out.mux(p)
-        if a is not None:
-            n = int(16000 * frames / fps)
-            t = np.arange(n) / 16000
-            samples = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)[None]
-            for start in range(0, n, 1024):
-                af = av.AudioFrame.from_ndarray(samples[:, start:start + 1024], format="fltp", layout="mono")
-                af.sample_rate = 16000
-                af.pts = start
-                for p in a.encode(af):
-                    out.mux(p)
-            for p in a.encode(None):
-                out.mux(p)
-    return path
-
-
-def read_video(path):
-    """(frame count, (w, h), average rate, has audio, first frame RGB) by decoding every frame."""
-    with av.open(str(path)) as c:
-        v = c.streams.video[0]
-        rate = v.average_rate
-        has_audio = bool(c.streams.audio)
-        codec = v.codec_context.name
-        frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
-    return len(frames), (frames[0].shape[1], frames[0].shape[0]), rate, has_audio, codec, frames
 
 
 @pytest.fixture(scope="module")
@@ -68,15 +26,28 @@ def seg():
 
 def test_output_keeps_frames_size_rate_and_audio(tmp_path, seg):
     src = make_video(tmp_path / "in.mp4", frames=30, size=(96, 64), fps=15, audio=True)
-    calls = []
-    res = segment_video(seg, src, tmp_path / "out.mp4", batch_size=4, progress=lambda d, t: calls.append((d, t)))
+    calls, model_calls = [], []
+    timed = seg.with_options()
+    model = timed.logits
+
+    def logits(batch):  # the Segmenter's model call, timed from outside
+        start = time.perf_counter()
+        try:
+            return model(batch)
+        finally:
+            model_calls.append(time.perf_counter() - start)
+
+    timed.logits = logits
+    res = segment_video(timed, src, tmp_path / "out.mp4", batch_size=4,
+                        progress=lambda done, total: calls.append((done, total)))
     assert isinstance(res, VideoResult) and res.path == tmp_path / "out.mp4"
     n, size, rate, has_audio, codec, frames = read_video(res.path)
     assert (n, size, rate, has_audio, codec) == (30, (96, 64), Fraction(15), True, "h264")
     assert (res.frames, res.width, res.height, res.audio) == (30, 96, 64, True)
     assert res.fps == pytest.approx(15)
-    assert res.model_seconds > 0  # the model's share was measured
-    assert calls[-1] == (30, 30) and [d for d, _ in calls] == sorted(d for d, _ in calls) and len(calls) >= 8
+    assert calls == [(done, 30) for done in (4, 8, 12, 16, 20, 24, 28, 30)]  # after every batch of 4
+    # the model's share: every model call of the 8 batches, and not the decoding and encoding around them
+    assert len(model_calls) == 8 and sum(model_calls) <= res.model_seconds < res.seconds
     # opacity 1 shows the class colours: the decoded frame is close to a palette colour everywhere
     res1 = segment_video(seg, src, tmp_path / "solid.mp4", opacity=1.0)
     first = read_video(res1.path)[5][0].astype(int)

@@ -1,13 +1,22 @@
+"""The weight registry against the reference's own documents, and downloads from a loopback server."""
+
 import hashlib
 import http.server
+import re
 import socket
 import threading
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from factories import tiny_model
 
-from segcore import REGISTRY, DownloadError, Segmenter, Weights, cache_dir, download, load_model
+from segcore import REGISTRY, DownloadError, Segmenter, load_model
+from segcore.weights import Weights, cache_dir, download
+
+REFERENCE = Path(__file__).parent / "reference_data" / "deeplab_pytorch"  # verbatim, see SOURCE.md there
+SCORE_COLUMNS = ("pixel_accuracy", "mean_accuracy", "mean_iou", "fw_iou")  # the README tables' order
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -56,19 +65,41 @@ def _checkpoint_bytes(tmp_path, n_classes=21):
     return path.read_bytes()
 
 
-def test_registry_carries_the_published_metadata():
-    assert set(REGISTRY) == {"voc12", "cocostuff164k", "cocostuff10k"}
-    base = "https://github.com/kazuto1011/deeplab-pytorch/releases/download/v1.0/"
-    voc = REGISTRY["voc12"]
-    assert voc.url == base + "deeplabv2_resnet101_msc-vocaug-20000.pth" and voc.n_classes == 21
-    assert voc.published == {"pixel_accuracy": 94.64, "mean_accuracy": 86.50, "mean_iou": 76.65,
-                             "fw_iou": 90.41, "mean_iou_crf": 77.93}
-    assert REGISTRY["cocostuff164k"].url == base + "deeplabv2_resnet101_msc-cocostuff164k-100000.pth"
-    assert REGISTRY["cocostuff10k"].url == base + "deeplabv2_resnet101_msc-cocostuff10k-20000.pth"
-    assert REGISTRY["cocostuff10k"].published["mean_iou"] == 34.8 and REGISTRY["cocostuff164k"].n_classes == 182
-    assert len(voc.label_space().class_names) == 21 and len(REGISTRY["cocostuff10k"].label_space().class_names) == 182
-    assert voc.mean_bgr == (104.008, 116.669, 122.675)
-    assert voc.crf == dict(iter_max=10, pos_w=3, pos_xy_std=1, bi_w=4, bi_xy_std=67, bi_rgb_std=3)
+def _published(url: str) -> tuple[dict, dict]:
+    """The reference README's scores for the weights it links at ``url``: (without CRF, with CRF)."""
+    rows = re.findall(r"<tr>(.*?)</tr>", (REFERENCE / "README-performance.md").read_text(), re.S)
+    (at,) = [i for i, row in enumerate(rows) if f'href="{url}"' in row]
+    assert "&#10003;" in rows[at + 1]  # the row below is the same weights with the CRF
+
+    def scores(row):
+        cells = [re.sub(r"<[^>]+>", "", cell).strip() for cell in
+                 re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)]
+        numbers = [float(cell) for cell in cells if re.fullmatch(r"\d+\.\d+", cell)]
+        assert len(numbers) == len(SCORE_COLUMNS), row
+        return dict(zip(SCORE_COLUMNS, numbers))
+
+    return scores(rows[at]), scores(rows[at + 1])
+
+
+def test_the_registry_holds_every_published_weight():
+    linked = re.findall(r'href="(https://github.com/kazuto1011/[^"]+\.pth)"',
+                        (REFERENCE / "README-performance.md").read_text())
+    assert len(linked) == 3 and sorted(w.url for w in REGISTRY.values()) == sorted(linked)
+
+
+@pytest.mark.parametrize("name", ["voc12", "cocostuff164k", "cocostuff10k"])
+def test_registry_entry_matches_the_references_readme_and_config(name):
+    weights = REGISTRY[name]
+    config = yaml.safe_load((REFERENCE / f"{name}.yaml").read_text())
+    assert config["EXP"]["ID"] == name and weights.url.rsplit("/", 1)[1] == weights.filename
+    plain, crf = _published(weights.url)
+    assert {key: weights.published[key] for key in SCORE_COLUMNS} == plain
+    assert weights.published.get("mean_iou_crf", crf["mean_iou"]) == crf["mean_iou"]
+    assert weights.n_classes == config["DATASET"]["N_CLASSES"] == len(weights.label_space().class_names)
+    mean = config["IMAGE"]["MEAN"]
+    assert weights.mean_bgr == (mean["B"], mean["G"], mean["R"])
+    assert weights.test_size == config["IMAGE"]["SIZE"]["TEST"]
+    assert weights.crf == {key.lower(): value for key, value in config["CRF"].items()}
 
 
 def test_cache_dir_follows_segcore_home(home):

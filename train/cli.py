@@ -7,6 +7,7 @@ saving checkpoints/last.pth.
 
 from __future__ import annotations
 
+from annotations import AnnotationError
 from annotations.cli_errors import CliParser, run_cli
 
 
@@ -37,9 +38,8 @@ def _run(args) -> int:
 
 
 def main(argv=None) -> int:
-    import annotations
     from segcore.errors import SegcoreError
 
     args = build_parser().parse_args(argv)
-    return run_cli(lambda: _run(args), (SegcoreError, annotations.AnnotationError),
+    return run_cli(lambda: _run(args), (SegcoreError, AnnotationError),
                    interrupted="interrupted (no checkpoint written for the unfinished step)")

@@ -13,14 +13,21 @@ from pathlib import Path
 
 import yaml
 
+from segcore.model import (
+    BGR_MEAN,
+    DEFAULT_SCALES,
+    HEADS,
+    RESNET101_BLOCKS,
+    STAGE_CHANNELS,
+    ModelConfig,
+    default_rates,
+)
+
 from .errors import ConfigError
 
 TRAIN_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 """The inference precisions (``segcore.precision.PRECISIONS``) training runs in: mixed precision is autocast
 with a GradScaler; the fused fp32 kernels are inference-only."""
-
-BGR_MEAN = [104.008, 116.669, 122.675]
-
 
 @dataclass
 class InitSection:
@@ -34,16 +41,16 @@ class InitSection:
 class ModelSection:
     n_classes: int | None = None
     """None: the number of class names (data.class_names or the dataset's)."""
-    n_blocks: list[int] = field(default_factory=lambda: [3, 4, 23, 3])
-    width: list[int] = field(default_factory=lambda: [256, 512, 1024, 2048])
-    aspp: str = "v2"
+    n_blocks: list[int] = field(default_factory=lambda: list(RESNET101_BLOCKS))
+    width: list[int] = field(default_factory=lambda: list(STAGE_CHANNELS))
+    aspp: str = ModelConfig.aspp
     """The ASPP head: v2 (the published ASPP-L) or v3 (BatchNorm in the branches plus image pooling)."""
     atrous_rates: list[int] | None = None
     """One rate per atrous branch; None: the head's default (v2: 6, 12, 18, 24; v3: 6, 12, 18)."""
     sync_bn: bool = False
     """v3 under DDP: the head's BatchNorm uses statistics over all processes' images (SyncBatchNorm, CUDA)."""
-    msc_scales: list[float] = field(default_factory=lambda: [0.5, 0.75])
-    stride_in_1x1: bool = True
+    msc_scales: list[float] = field(default_factory=lambda: list(DEFAULT_SCALES))
+    stride_in_1x1: bool = ModelConfig.stride_in_1x1
     init: InitSection = field(default_factory=InitSection)
 
 
@@ -232,8 +239,6 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
 
 def _validate_head(m: ModelSection, s: SolverSection) -> None:
     """The ASPP head's options; fills in the head's default atrous rates."""
-    from segcore.model import HEADS, default_rates
-
     if m.aspp not in HEADS:
         raise ConfigError(f"model.aspp must be {' or '.join(HEADS)}, got {m.aspp!r}")
     if m.atrous_rates is None:

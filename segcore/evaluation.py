@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from annotations import voc_colormap
+
 from .datasets import invalid_label_values
 from .distributed import gather_objects, init_distributed, rank_and_world
 from .errors import SegcoreError
@@ -104,7 +106,7 @@ def _thumb(array: np.ndarray, side: int) -> np.ndarray:
     return np.asarray(img)
 
 
-def _strip(image, label, pred, palette: np.ndarray, side: int) -> np.ndarray:
+def thumbnail_strip(image, label, pred, palette: np.ndarray, side: int) -> np.ndarray:
     """image | ground truth | prediction, each at most ``side`` px on its long side (ignore = white)."""
     pal = np.zeros((256, 3), np.uint8)
     pal[: min(len(palette), 256)] = palette[:256]
@@ -127,12 +129,10 @@ def _safe_name(name: str) -> str:
 
 
 def _palette_for(segmenter, dataset, n: int) -> np.ndarray:
-    import annotations
-
     for pal in (getattr(segmenter, "palette", None), getattr(dataset, "palette", None)):
         if pal is not None and len(pal) >= n:
             return np.asarray(pal, np.uint8)
-    return annotations.voc_colormap(256)
+    return voc_colormap(256)
 
 
 # ----------------------------------------------------------------------------- runner
@@ -213,7 +213,8 @@ class _Run:
         if worst > 0 and not math.isnan(row["mean_iou"]):
             key = (-row["mean_iou"], -i)
             if len(self.heap) < worst or key > self.heap[0][:2]:
-                entry = (*key, {**row, "index": i}, _strip(sample.image, label, pred, self.palette, thumbnail_side))
+                strip = thumbnail_strip(sample.image, label, pred, self.palette, thumbnail_side)
+                entry = (*key, {**row, "index": i}, strip)
                 (heapq.heappush if len(self.heap) < worst else heapq.heapreplace)(self.heap, entry)
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .bootstrap import ImageMatrices, paired_bootstrap
-from .evaluate import EvaluationError, EvaluationResult, _strip, evaluate_models
+from .evaluation import EvaluationError, EvaluationResult, evaluate_models, thumbnail_strip
 from .metrics import to_json_dict
 from .pred_map import prediction_map
 from .protocol import predict_sample
@@ -149,8 +149,9 @@ def _disagreement_strips(comparison, segmenters, dataset, protocol, k: int) -> l
             if result.options.get("pred_map"):
                 pred, label = prediction_map(seg.class_names, result.class_names, result.options["pred_map"])(pred, label)
             pairs.append((pred, label))
-        left = _strip(sample.image, pairs[0][1], pairs[0][0], a.palette, 160)  # image | ground truth | A
-        gt_b = _strip(None, pairs[1][1], pairs[1][0], a.palette, 160)  # ground truth | B
+        # image | ground truth | A, then ground truth | B
+        left = thumbnail_strip(sample.image, pairs[0][1], pairs[0][0], a.palette, 160)
+        gt_b = thumbnail_strip(None, pairs[1][1], pairs[1][0], a.palette, 160)
         only_b = gt_b[:, (gt_b.shape[1] - 4) // 2 + 4:]
         h = max(left.shape[0], only_b.shape[0])
         parts = [np.concatenate([x, np.full((h - x.shape[0], x.shape[1], 3), 255, np.uint8)], 0)
