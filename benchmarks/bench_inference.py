@@ -19,45 +19,16 @@ import time
 import numpy as np
 import torch
 
+from benchmarks.workloads import resnet101, scene_image, voc_segmenter
+
 SIZE = 513
-
-
-def _image(h, w, seed):
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    from factories import scene_image
-
-    return scene_image(h, w, seed)
-
-
-def _model(n_classes=21, seed=0):
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    from factories import randomize_
-
-    from segcore import build_model
-
-    return randomize_(build_model(n_classes), seed).eval()
 
 
 def _segmenters(model, scales, size, device="cpu"):
     """plain fp32 eager, the default (``auto``) path, ``fp32-fused`` (what ``auto`` gives without bf16) and
     ``int8`` (calibrated on the shipped photos)."""
-    import annotations
-
-    from segcore import Segmenter
-
-    voc = annotations.get_label_space("voc")
-
-    def make(precision):
-        return Segmenter(model, voc.class_names, voc.palette, scales=scales, test_size=size, device=device,
-                         precision=precision)
-
-    return make("fp32"), make("auto"), make("fp32-fused"), make("int8")
+    return tuple(voc_segmenter(model, precision, scales=scales, test_size=size, device=device)
+                 for precision in ("fp32", "auto", "fp32-fused", "int8"))
 
 
 def _compare(plain, others: dict, images, reps):
@@ -129,8 +100,8 @@ def run(quick: bool) -> dict:
 
     size = 97 if quick else SIZE
     reps = 1 if quick else 5
-    model = _model()
-    images = [_image(size, size, seed) for seed in range(3)]
+    model = resnet101()
+    images = [scene_image(size, size, seed) for seed in range(3)]
     result = {"image": f"{size}x{size}", "weights": "random (seeded) ResNet-101, 21 classes",
               "threads": torch.get_num_threads(), "physical_cores": physical_cores(),
               "cpu_bf16": cpu_bf16_supported(),

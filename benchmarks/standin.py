@@ -23,7 +23,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 TILE = 64  # the generated scenes' size, in training and in the test mosaics
-ITERATIONS = 150
+ITERATIONS = 100
 FINE_TUNE = 30  # iterations of the other class counts, started from the trained 21-class stand-in
 
 
