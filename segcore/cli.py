@@ -69,9 +69,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, required: bool = Tru
                         help="auto: bf16 where the CPU/GPU has it, else fp32-fused (fp32 through fused kernels); "
                              "fp32: the original model, the reference's numbers exactly; int8: the fastest on a "
                              "CPU (calibrated once per checkpoint, then cached)")
-    parser.add_argument("--calibration", nargs="+", type=Path, default=None, metavar="IMAGE_OR_FOLDER",
-                        help="int8: pictures like yours that set the activation ranges (default: the photos "
-                             "shipped with segcore)")
+    parser.add_argument("--calibration", action="append", type=Path, default=None, metavar="IMAGE_OR_FOLDER",
+                        help="int8: pictures like yours that set the activation ranges, an image or a folder "
+                             "(repeat for more; default: the photos shipped with segcore)")
     parser.add_argument("--labels", default=None, help="label set for a checkpoint without names: voc, cocostuff or FILE")
 
 
