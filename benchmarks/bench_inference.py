@@ -4,7 +4,8 @@ Both run the same random-weight DeepLab-v2 ResNet-101 (no trained checkpoint is 
 weights are *more* rounding-sensitive than trained ones, so the agreement is a pessimistic figure)
 through ``Segmenter.predict`` end to end (resize, model, upsampling, argmax), single-scale and with the
 default multi-scale inputs (1.0, 0.5, 0.75). A third path, ``fp32-fused`` (what ``auto`` picks on CPUs
-without bf16), is measured alongside. The paths alternate rep by rep on the same images, and the figures
+without bf16), and ``int8`` (calibrated on the photos shipped in ``segcore/calibration``; its agreement on
+a trained model is in ``bench_peers``) are measured alongside. The paths alternate rep by rep on the same images, and the figures
 are medians after a warm-up, so load from other processes hits them alike. Agreement is the share of
 pixels whose label equals the fp32 path's. On a CUDA machine the GPU fp32 vs bf16 batch-8
 throughput is measured too; elsewhere it is reported as not measured.
@@ -18,44 +19,16 @@ import time
 import numpy as np
 import torch
 
+from benchmarks.workloads import resnet101, scene_image, voc_segmenter
+
 SIZE = 513
 
 
-def _image(h, w, seed):
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    from factories import scene_image
-
-    return scene_image(h, w, seed)
-
-
-def _model(n_classes=21, seed=0):
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    from factories import randomize_
-
-    from segcore import build_model
-
-    return randomize_(build_model(n_classes), seed).eval()
-
-
 def _segmenters(model, scales, size, device="cpu"):
-    """plain fp32 eager, the default (``auto``) path, and ``fp32-fused`` (what ``auto`` gives without bf16)."""
-    import annotations
-
-    from segcore import Segmenter
-
-    voc = annotations.get_label_space("voc")
-
-    def make(precision):
-        return Segmenter(model, voc.class_names, voc.palette, scales=scales, test_size=size, device=device,
-                         precision=precision)
-
-    return make("fp32"), make("auto"), make("fp32-fused")
+    """plain fp32 eager, the default (``auto``) path, ``fp32-fused`` (what ``auto`` gives without bf16) and
+    ``int8`` (calibrated on the shipped photos)."""
+    return tuple(voc_segmenter(model, precision, scales=scales, test_size=size, device=device)
+                 for precision in ("fp32", "auto", "fp32-fused", "int8"))
 
 
 def _compare(plain, others: dict, images, reps):
@@ -127,21 +100,22 @@ def run(quick: bool) -> dict:
 
     size = 97 if quick else SIZE
     reps = 1 if quick else 5
-    model = _model()
-    images = [_image(size, size, seed) for seed in range(3)]
+    model = resnet101()
+    images = [scene_image(size, size, seed) for seed in range(3)]
     result = {"image": f"{size}x{size}", "weights": "random (seeded) ResNet-101, 21 classes",
               "threads": torch.get_num_threads(), "physical_cores": physical_cores(),
               "cpu_bf16": cpu_bf16_supported(),
               "cpu_flags": sorted(f for f in cpu_flags() if f in ("avx512_bf16", "amx_bf16", "avx512_vnni",
                                                                   "amx_int8", "avx512f")),
               "note": "ratios are side by side in one run (interleaved, medians after warm-up)"}
-    plain0, default0, fused0 = _segmenters(model, (), size)
+    plain0, default0, fused0, int80 = _segmenters(model, (), size)
     for label, scales in (("single_scale", ()), ("multi_scale", (0.5, 0.75))):
         # with_options shares the model and each path's fast copy between the two settings
         plain, default = plain0.with_options(scales=scales), default0.with_options(scales=scales)
         result["default_precision"] = default.precision
-        result[label] = _compare(plain, {"default": default, "fp32_fused": fused0.with_options(scales=scales)},
-                                 images, reps)
+        result[label] = _compare(plain, {"default": default, "fp32_fused": fused0.with_options(scales=scales),
+                                         "int8": int80.with_options(scales=scales)}, images, reps)
+        result[label]["int8_vs_default"] = round(result[label]["default_s"] / result[label]["int8_s"], 2)
     result["threads_after"] = torch.get_num_threads()
     result["gpu"] = _gpu(model, quick)
     return result

@@ -42,6 +42,7 @@ def build_app(config: AppConfig | None = None) -> gr.Blocks:
     """
     cfg = config or AppConfig.from_env()
     store = ModelStore(cfg.weights, upload_dir=cfg.work_dir / "checkpoints", max_loaded=cfg.max_loaded_models,
+                       precision=cfg.precision,
                        max_pixels=cfg.max_image_pixels, device=cfg.device, shared_uploads=cfg.shared_uploads)
     work = JobDirs(cfg.work_dir, cfg.keep_seconds)
     # the app's folder, Gradio's uploads and results, and segcore's extractions of zipped labelme datasets

@@ -20,6 +20,8 @@ import gradio as gr
 
 import annotations
 import segcore
+from segcore.precision import resolve_precision
+from segcore.segmenter import resolve_device
 
 log = logging.getLogger("demo")
 
@@ -39,6 +41,9 @@ class AppConfig:
 
     weights: str = "voc12"
     device: str = "auto"
+    precision: str = "auto"
+    """Inference precision of every model the app loads (segcore.precision.PRECISIONS); ``int8`` is the
+    fastest on a small CPU Space (calibrated once per checkpoint, then cached)."""
     max_image_pixels: int | None = 25_000_000
     max_video_seconds: int | None = 120
     max_video_frames: int | None = 3600
@@ -68,6 +73,7 @@ class AppConfig:
         cfg = cls(
             weights=os.environ.get("SEGCORE_WEIGHTS") or "voc12",
             device=os.environ.get("SEGCORE_DEVICE") or "auto",
+            precision=os.environ.get("SEGCORE_PRECISION") or "auto",
             max_image_pixels=_env_int("SEGCORE_MAX_IMAGE_PIXELS", cls.max_image_pixels),
             max_video_seconds=_env_int("SEGCORE_MAX_VIDEO_SECONDS", cls.max_video_seconds),
             max_video_frames=_env_int("SEGCORE_MAX_VIDEO_FRAMES", cls.max_video_frames),
@@ -89,6 +95,14 @@ class AppConfig:
             if value is not None:
                 setattr(cfg, key, value)
         return cfg
+
+    def problem(self) -> str | None:
+        """What is wrong with the settings a person typed (device, precision), in one line; None if nothing."""
+        try:
+            resolve_precision(self.precision, resolve_device(self.device))
+        except segcore.OptionError as exc:
+            return str(exc)
+        return None
 
     def job_concurrency(self) -> int:
         if self.concurrency:

@@ -48,7 +48,8 @@ class ModelStore:
     """Registry names plus checkpoint files, loaded on first use and kept (``max_loaded`` at most)."""
 
     def __init__(self, default: str = "voc12", *, upload_dir: Path, max_loaded: int = 2,
-                 max_pixels: int | None = None, device: str = "auto", shared_uploads: bool = False):
+                 max_pixels: int | None = None, device: str = "auto", precision: str = "auto",
+                 shared_uploads: bool = False):
         self.upload_dir = Path(upload_dir)
         self.shared_uploads = bool(shared_uploads)
         self._owners: dict[str, set[str]] = {}
@@ -58,6 +59,7 @@ class ModelStore:
         self.max_loaded = max(1, int(max_loaded))
         self.max_pixels = max_pixels
         self.device = device
+        self.precision = precision
         self._sources: dict[str, WeightsSource] = {n: WeightsSource(n, n) for n in segcore.REGISTRY}
         self._loaded: OrderedDict[str, segcore.Segmenter] = OrderedDict()
         self._lock = threading.Lock()
@@ -133,7 +135,8 @@ class ModelStore:
                     what = "Downloading and loading" if reg is not None and not reg.path.is_file() else "Loading"
                     progress(0.0, desc=f"{what} the {name} weights (first use)")
                 seg = segcore.Segmenter.from_pretrained(src.target, label_space=src.label_space,
-                                                        device=self.device, max_pixels=self.max_pixels)
+                                                        device=self.device, precision=self.precision,
+                                                        max_pixels=self.max_pixels)
                 seg.name = name
                 self._loaded[name] = seg
                 while len(self._loaded) > self.max_loaded:
@@ -180,6 +183,7 @@ class ModelStore:
                 seg = self._loaded.get(name)
             if seg is None:
                 seg = segcore.Segmenter.from_pretrained(kept, label_space=label_space, device=self.device,
+                                                        precision=self.precision,
                                                         max_pixels=self.max_pixels)
         except Exception:
             if not any(n for n, s in self._sources.items() if Path(s.target).parent == folder):

@@ -59,6 +59,23 @@ def cpu_bf16_supported() -> bool:
                        torch.backends.cpu.get_cpu_capability())
 
 
+@functools.lru_cache(maxsize=1)
+def cpu_int8_supported() -> bool:
+    """True when oneDNN's int8 convolutions (the int8 path, :mod:`segcore.quantize`) run here and give the
+    right answer; without VNNI or AMX they run, only slower (``auto`` never picks int8)."""
+    try:
+        x = torch.full((1, 8, 4, 4), 3, dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+        w = torch.ones(4, 8, 1, 1, dtype=torch.int8)
+        scales = torch.ones(4)
+        packed = torch.ops.onednn.qconv_prepack(w, scales, 1.0, 0, [1, 1], [0, 0], [1, 1], 1, list(x.shape))
+        out = torch.ops.onednn.qconv2d_pointwise(x, 1.0, 0, packed, scales, torch.zeros(4, dtype=torch.int64),
+                                                 None, [1, 1], [0, 0], [1, 1], 1, 1.0, 0, torch.float32,
+                                                 "none", [], "")
+        return bool(torch.equal(out, torch.full_like(out, 24.0)))
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def native_bf16(onednn_bf16: bool, flags: frozenset[str], capability: str) -> bool:
     """The rule behind :func:`cpu_bf16_supported`, on given facts: oneDNN must do bf16, and the CPU must
     have AVX512-BF16 or AMX by its flags (or, where no flags are readable, by torch's capability string)."""
@@ -155,7 +172,7 @@ def fused_conv_supported() -> bool:
         return False
 
 
-class _PackedConv:
+class PackedConv:
     """One BN-folded convolution's weights in the kernel's dtype and layout, with its geometry."""
 
     def __init__(self, conv: nn.Conv2d, dtype: torch.dtype, fused: bool):
@@ -195,12 +212,12 @@ class _FusedResNet:
         self.dtype = dtype
         layers = [m for name, m in folded.named_children() if name != "aspp"]
         stem, res_layers = layers[0], layers[1:]
-        self.stem = _PackedConv(stem.conv1.conv, dtype, fused)
+        self.stem = PackedConv(stem.conv1.conv, dtype, fused)
         self.pool = stem.pool
         self.blocks = [
-            (_PackedConv(block.reduce.conv, dtype, fused), _PackedConv(block.conv3x3.conv, dtype, fused),
-             _PackedConv(block.increase.conv, dtype, fused),
-             _PackedConv(block.shortcut.conv, dtype, fused) if isinstance(block.shortcut, ConvBnReLU) else None)
+            (PackedConv(block.reduce.conv, dtype, fused), PackedConv(block.conv3x3.conv, dtype, fused),
+             PackedConv(block.increase.conv, dtype, fused),
+             PackedConv(block.shortcut.conv, dtype, fused) if isinstance(block.shortcut, ConvBnReLU) else None)
             for layer in res_layers for block in layer.children()
         ]
 
@@ -261,21 +278,24 @@ class FastPath:
     def __init__(self, base: nn.Module, device: torch.device, precision: str):
         self.device = torch.device(device)
         self.precision = precision
-        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
-                      "fp32-fused": torch.float32}[precision]
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
         folded = fold_batchnorm(base).to(self.device).to(memory_format=torch.channels_last)
         for p in folded.parameters():
             p.requires_grad_(False)
         if self.device.type == "cpu":
             configure_threads()
             self.autocast = False
-            self.model = _CpuModel(folded, self.dtype)
+            self.model = self.cpu_model(folded)
         else:
             if self.device.type == "cuda":
                 torch.backends.cudnn.benchmark = True
             self.autocast = self.dtype != torch.float32
             self.model = folded
         self.model.eval()
+
+    def cpu_model(self, folded: nn.Module) -> nn.Module:
+        """The CPU model built from the BN-folded copy (the int8 path, :mod:`segcore.quantize`, overrides it)."""
+        return _CpuModel(folded, self.dtype)
 
     @torch.inference_mode()
     def __call__(self, batch: torch.Tensor, scales) -> torch.Tensor:
@@ -294,5 +314,5 @@ def uses_fast_path(device: torch.device, precision: str) -> bool:
     if precision == "fp32":
         return False
     if device.type == "cpu":
-        return precision in ("bf16", "fp32-fused")
+        return precision in ("bf16", "fp32-fused", "int8")
     return device.type == "cuda"

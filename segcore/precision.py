@@ -11,7 +11,7 @@ import torch
 from . import fast
 from .errors import OptionError
 
-PRECISIONS = ("auto", "fp32", "fp32-fused", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "fp32-fused", "bf16", "fp16", "int8")
 
 
 def resolve_precision(precision: str, device: torch.device, allowed: tuple[str, ...] = PRECISIONS) -> str:
@@ -25,6 +25,11 @@ def resolve_precision(precision: str, device: torch.device, allowed: tuple[str, 
     ``fp32`` runs the original model untouched, so its numbers are the reference's to the last bit."""
     if precision not in allowed:
         raise OptionError(f"precision must be one of {allowed}, got {precision!r}")
+    if precision == "int8" and device.type != "cpu":
+        raise OptionError(f"precision int8 runs on the CPU (oneDNN int8 kernels); on {device.type} use auto or bf16")
+    if precision == "int8" and not fast.cpu_int8_supported():
+        raise OptionError("precision int8 needs oneDNN's int8 convolutions, which this PyTorch build cannot run "
+                          "here; use auto")
     if precision != "auto":
         return precision
     if device.type == "cuda":

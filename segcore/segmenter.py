@@ -23,7 +23,9 @@ from .crf import DenseCRF
 from .errors import LabelCountError, OptionError
 from .image import MAX_IMAGE_PIXELS, load_image, resize_long_side
 from .model import BGR_MEAN, DEFAULT_SCALES, msc_forward
+from .fast import FastPath, uses_fast_path
 from .precision import resolve_precision
+from .quantize import Int8Path, calibration_images
 
 _UPSAMPLE_BUDGET_BYTES = 64 << 20
 
@@ -122,7 +124,8 @@ class Segmenter:
 
     def __init__(self, model, class_names, palette, *, scales=DEFAULT_SCALES, crf: bool = False,
                  crf_params: DenseCRF | None = None, test_size: int = 513, device="auto", precision="auto",
-                 max_pixels: int | None = MAX_IMAGE_PIXELS, batch_size: int = 4, name: str | None = None):
+                 max_pixels: int | None = MAX_IMAGE_PIXELS, batch_size: int = 4, name: str | None = None,
+                 calibration=None):
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
         if int(test_size) < 8:
@@ -139,6 +142,7 @@ class Segmenter:
         self.max_pixels = max_pixels
         self.batch_size = int(batch_size)
         self.name = name
+        self.calibration = None if calibration is None else list(calibration)  # int8: images that set the ranges
         self._mean = torch.tensor(BGR_MEAN, dtype=torch.float64, device=self.device).view(1, 3, 1, 1)
         self._fast: dict = {}  # the accelerated copy (segcore.fast), built on first use, shared by with_options
 
@@ -200,14 +204,24 @@ class Segmenter:
         where asked); the original model is never modified, so the fp32 path keeps the reference's
         numerics exactly.
         """
-        from .fast import FastPath, uses_fast_path
-
         if not uses_fast_path(self.device, self.precision):
             return None
         cache = self.__dict__.setdefault("_fast", {})
         if "path" not in cache:
-            cache["path"] = FastPath(self.model.base, self.device, self.precision)
+            if self.precision == "int8":
+                # ranges over the default scales and this Segmenter's: one calibration serves every option set
+                scales = tuple(sorted(set(DEFAULT_SCALES) | set(self.scales)))
+                cache["path"] = Int8Path(self.model.base, self.calibration_batches(), scales)
+            else:
+                cache["path"] = FastPath(self.model.base, self.device, self.precision)
         return cache["path"]
+
+    def calibration_batches(self) -> list[torch.Tensor]:
+        """The int8 calibration images (``calibration``, else the shipped photos), preprocessed as inputs are."""
+        images = self.calibration if self.calibration is not None else calibration_images()
+        if not images:
+            raise OptionError("precision int8 needs calibration images; none were given")
+        return [self.to_tensor([self.preprocess(image)[1]]) for image in images]
 
     @torch.inference_mode()
     def logits(self, batch: torch.Tensor) -> torch.Tensor:
@@ -279,7 +293,9 @@ class Segmenter:
     def describe(self) -> dict:
         """The options that determine the output, for reports."""
         return {"weights": self.name, "scales": list(self.scales), "crf": self.crf, "test_size": self.test_size,
-                "device": str(self.device), "precision": self.precision, "n_classes": self.n_classes}
+                "device": str(self.device), "precision": self.precision, "n_classes": self.n_classes,
+                **({"calibration": len(self.calibration) if self.calibration is not None else "shipped"}
+                   if self.precision == "int8" else {})}
 
 
 def _labels_for(ckpt, label_space) -> tuple[tuple[str, ...], np.ndarray]:
