@@ -1,11 +1,10 @@
 """Dense CRF (pydensecrf, the reference's 10 mean-field iterations): the full CRF against the class-restricted
 one ``DenseCRF`` runs by default (``segcore/crf.py``), 21 and 182 classes at 513x513, per input kind:
 
-* ``trained``: a trained stand-in. The smoke config's small DeepLab-v2 (``train/configs/smoke.yaml``) trained
-  200 iterations on the generated shapes data with its classifier at 21 or 182 classes (4 are used; training
-  pushes the others down, as a real model's absent classes are), cached outside the repository in
-  ``~/.cache/segcore-bench`` (``SEGCORE_BENCH_CACHE``); a few minutes per class count the first time. Images:
-  mosaics of 64-pixel generated scenes (the size it trained at), single-scale fp32 softmax.
+* ``trained``: the trained stand-in (:mod:`benchmarks.standin`): the full-size ResNet-101 DeepLab-v2
+  trained on the generated shapes data with its classifier at 21 or 182 classes (4 are used; training
+  pushes the others down, as a real model's absent classes are), cached outside the repository. Images:
+  mosaics of the generated scenes at the size it trained at, single-scale fp32 softmax.
 * ``synthetic``: smooth random logits where 4 classes compete and 8 more are faint (a peaked model's shape).
 * ``random_weights``: a tiny random-weight DeepLab-v2: a flatter softmax, many classes carry some mass.
 
@@ -15,50 +14,16 @@ restricted run to the argmax agreement. ``--quick``: 97x129, no trained stand-in
 
 from __future__ import annotations
 
-import os
-import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from benchmarks.standin import mosaic, trained_resnet101
+
 ROOT = Path(__file__).resolve().parent.parent
-TRAIN_ITERATIONS = 200
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("SEGCORE_BENCH_CACHE", Path.home() / ".cache" / "segcore-bench"))
-
-
-def trained_standin(n_classes: int) -> Path:
-    """The smoke model trained with ``n_classes`` outputs, trained once and cached."""
-    out = cache_dir() / f"crf-standin-{n_classes}-{TRAIN_ITERATIONS}"
-    final = out / "checkpoints" / "final.pth"
-    if not final.is_file():
-        shutil.rmtree(out, ignore_errors=True)  # an interrupted run of ours: start it again
-        names = ["background", "disc", "square", "triangle"] + [f"unused{i}" for i in range(4, n_classes)]
-        cmd = [sys.executable, "-m", "train", "--config", "train/configs/smoke.yaml", "--out", str(out),
-               "--set", f"model.n_classes={n_classes}", "--set", f"data.class_names=[{','.join(names)}]",
-               "--set", f"solver.iterations={TRAIN_ITERATIONS}", "--set", "log.progress=false",
-               "--set", "log.tensorboard=false", "--set", "log.val_every=100"]
-        env = dict(os.environ, OMP_NUM_THREADS="1")  # two threads thrash when the machine is shared
-        run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-        if run.returncode != 0:
-            raise RuntimeError(f"training the CRF stand-in failed:\n{run.stderr[-2000:]}")
-    return final
-
-
-def mosaic(h: int, w: int, seed: int, tile: int = 64) -> np.ndarray:
-    """An image of generated 64-pixel scenes side by side: the trained stand-in's own kind of input."""
-    from train.data import synthetic_sample
-
-    rng = np.random.default_rng(seed)
-    rows = [np.concatenate([synthetic_sample(tile, 4, rng)[0] for _ in range(-(-w // tile))], 1)
-            for _ in range(-(-h // tile))]
-    return np.ascontiguousarray(np.concatenate(rows, 0)[:h, :w])
 
 
 def model_probs(segmenter, image: np.ndarray) -> np.ndarray:
@@ -88,7 +53,7 @@ def inputs(kind: str, n_classes: int, h: int, w: int, n_images: int):
         return [(scene_image(h, w, seed=i), synthetic_probs(n_classes, h, w, seed=n_classes + i))
                 for i in range(n_images)]
     if kind == "trained":
-        seg = Segmenter.from_pretrained(str(trained_standin(n_classes)), scales=(), test_size=max(h, w),
+        seg = Segmenter.from_pretrained(str(trained_resnet101(n_classes)), scales=(), test_size=max(h, w),
                                         device="cpu", precision="fp32")
         images = [mosaic(h, w, seed=100 + i) for i in range(n_images)]
     else:
@@ -138,7 +103,7 @@ def run(quick: bool) -> dict:
                                                                   "random_weights": 1}
     result = {"image": f"{w}x{h}", "iterations": 10,
               "note": "full vs class-restricted CRF side by side in one run (interleaved reps, medians); "
-                      "trained = smoke DeepLab-v2 trained briefly on generated shapes, synthetic = smooth "
+                      "trained = ResNet-101 DeepLab-v2 trained on generated shapes, synthetic = smooth "
                       "random logits, random_weights = tiny random-weight model"}
     for n_classes in (21, 182):
         for kind, n_images in kinds.items():
