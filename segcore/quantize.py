@@ -39,7 +39,7 @@ from .weights import cache_dir
 log = logging.getLogger(__name__)
 
 CALIBRATION_DIR = Path(__file__).resolve().parent / "calibration"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 def calibration_images() -> list[Path]:
@@ -108,11 +108,9 @@ def uint8_params(lo: float, hi: float) -> tuple[float, int]:
     return scale, int(round(-lo / scale))
 
 
-def quantize_weight(weight: torch.Tensor, out_channels: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-output-channel symmetric int8 (int8 weight, fp32 scales), zero filters padded to ``out_channels``."""
+def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel symmetric int8: (int8 weight, fp32 scales)."""
     w = weight.detach().float()
-    if out_channels is not None and out_channels > w.shape[0]:
-        w = torch.cat([w, w.new_zeros((out_channels - w.shape[0], *w.shape[1:]))])
     scale = w.abs().amax(dim=(1, 2, 3)).clamp_min(1e-12) / 127
     q = torch.round(w / scale.view(-1, 1, 1, 1)).clamp_(-127, 127).to(torch.int8)
     return q, scale
@@ -135,13 +133,10 @@ class QuantizedConv:
     output: tuple[float, int] | None
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, input_grid, output_grid, out_channels: int | None = None):
-        q, scale = quantize_weight(conv.weight, out_channels)
-        bias = conv.bias.detach().float()
-        if len(bias) < len(scale):
-            bias = torch.cat([bias, bias.new_zeros(len(scale) - len(bias))])
-        return cls(q, scale, bias.clone(), list(conv.stride), list(conv.padding), list(conv.dilation),
-                   input_grid, output_grid)
+    def from_conv(cls, conv: nn.Conv2d, input_grid, output_grid):
+        q, scale = quantize_weight(conv.weight)
+        return cls(q, scale, conv.bias.detach().float().clone(), list(conv.stride), list(conv.padding),
+                   list(conv.dilation), input_grid, output_grid)
 
 
 class _Kernel:
@@ -179,8 +174,7 @@ class Int8ResNet:
         self.input_grid = quantized["input"]
         self.blocks = [{k: _Kernel(q) if q is not None else None for k, q in b.items()}
                        for b in quantized["blocks"]]
-        self.aspp = [_Kernel(q) for q in quantized["aspp"]]
-        self.n_classes = quantized["n_classes"]
+        self.aspp = _TapASPP(quantized["aspp"]) if quantized["aspp"] else None
         self.output_grid = quantized["output"]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -194,16 +188,50 @@ class Int8ResNet:
             else:
                 residual, grid = h, k["reduce"].q.input
             h = k["increase"].add_relu(c, residual, grid)
-        if not self.aspp:  # a head the int8 path does not cover (v3): it gets the dequantised features
+        if self.aspp is None:  # a head the int8 path does not cover (v3): it gets the dequantised features
             return h.float().mul_(self.output_grid[0])
-        out = None
-        for branch in self.aspp:
-            y = branch(h, relu=False)
-            out = y if out is None else out.add_(y)
-        return out[:, : self.n_classes]
+        return self.aspp(h)
 
 
-ASPP_CHANNELS = 16  # the classifier's filters padded to a multiple of this (oneDNN is slow on e.g. 21)
+class _TapASPP:
+    """The ASPP classifier as one int8 1x1 convolution over all its taps, then shifted sums in fp32.
+
+    A 3x3 conv with dilation r is the sum of nine 1x1 convs, each read at an offset of (-r, 0, r) rows and
+    columns. oneDNN's int8 kernels run dilated 3x3 convs with few output channels poorly (the four ASPP
+    branches took a third of the int8 model's time at 513); as one 1x1 conv with 36 x classes outputs the
+    same arithmetic runs at the kernels' full rate, and the 36 shifted adds are cheap. Each tap's filters
+    get their own int8 scales, which is finer than one per class.
+    """
+
+    def __init__(self, state: dict):
+        self.kernel = _Kernel(state["taps"])
+        self.bias, self.rates, self.n_classes = state["bias"], state["rates"], state["n_classes"]
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        taps = self.kernel(h, relu=False)  # (N, 9 * len(rates) * C, H, W) float32
+        n, _, height, width = taps.shape
+        c = self.n_classes
+        out = self.bias.view(1, c, 1, 1).expand(n, c, height, width).contiguous(memory_format=torch.channels_last)
+        k = 0
+        for rate in self.rates:
+            for dy in (-rate, 0, rate):
+                for dx in (-rate, 0, rate):
+                    y0, y1, x0, x1 = max(0, -dy), min(height, height - dy), max(0, -dx), min(width, width - dx)
+                    if y0 < y1 and x0 < x1:
+                        out[:, :, y0:y1, x0:x1] += taps[:, k * c:(k + 1) * c, y0 + dy:y1 + dy, x0 + dx:x1 + dx]
+                    k += 1
+        return out
+
+
+def _aspp_taps(aspp: ASPP, input_grid) -> dict:
+    """The v2 ASPP's four dilated 3x3 convs as one 1x1 conv over their 36 taps (see :class:`_TapASPP`)."""
+    convs = list(aspp.children())
+    rows = [conv.weight.detach()[:, :, i, j] for conv in convs for i in range(3) for j in range(3)]
+    weight = torch.cat(rows)[:, :, None, None]
+    taps = QuantizedConv(*quantize_weight(weight), torch.zeros(weight.shape[0]), [1, 1], [0, 0], [1, 1],
+                         input_grid, None)
+    return {"taps": taps, "bias": sum(conv.bias.detach().float() for conv in convs),
+            "rates": [int(conv.dilation[0]) for conv in convs], "n_classes": aspp.n_classes}
 
 
 def quantize_folded(folded: nn.Module, ranges: dict) -> dict:
@@ -220,17 +248,9 @@ def quantize_folded(folded: nn.Module, ranges: dict) -> dict:
             "shortcut": (QuantizedConv.from_conv(block.shortcut.conv, grid[f"{i}.in"], grid[f"{i}.shortcut"])
                          if projection else None),
         })
-    n_classes = folded.aspp.n_classes
-    aspp = []
-    if isinstance(folded.aspp, ASPP):
-        padded = -(-n_classes // ASPP_CHANNELS) * ASPP_CHANNELS
-        aspp = [QuantizedConv.from_conv(conv, grid[f"{len(blocks)}.in"], None, padded)
-                for conv in folded.aspp.children()]
-        for q in aspp[1:]:  # the branches' biases, summed once on the first branch
-            aspp[0].bias += q.bias
-            q.bias = torch.zeros_like(q.bias)
+    aspp = _aspp_taps(folded.aspp, grid[f"{len(blocks)}.in"]) if isinstance(folded.aspp, ASPP) else None
     return {"version": FORMAT_VERSION, "input": grid["0.in"], "output": grid[f"{len(blocks)}.in"],
-            "blocks": state, "aspp": aspp, "n_classes": n_classes}
+            "blocks": state, "aspp": aspp}
 
 
 class Int8Model(nn.Module):
@@ -252,14 +272,14 @@ class Int8Model(nn.Module):
 def _to_plain(state: dict) -> dict:
     """The quantised state with every conv as a dict (so ``torch.load(weights_only=True)`` reads it)."""
     conv = lambda q: dataclasses.asdict(q) if q is not None else None  # noqa: E731
-    return {**state, "blocks": [{k: conv(q) for k, q in b.items()} for b in state["blocks"]],
-            "aspp": [conv(q) for q in state["aspp"]]}
+    aspp = state["aspp"] and {**state["aspp"], "taps": conv(state["aspp"]["taps"])}
+    return {**state, "blocks": [{k: conv(q) for k, q in b.items()} for b in state["blocks"]], "aspp": aspp}
 
 
 def _from_plain(state: dict) -> dict:
     conv = lambda d: QuantizedConv(**d) if d is not None else None  # noqa: E731
-    return {**state, "blocks": [{k: conv(d) for k, d in b.items()} for b in state["blocks"]],
-            "aspp": [conv(d) for d in state["aspp"]]}
+    aspp = state["aspp"] and {**state["aspp"], "taps": conv(state["aspp"]["taps"])}
+    return {**state, "blocks": [{k: conv(d) for k, d in b.items()} for b in state["blocks"]], "aspp": aspp}
 
 
 def cache_key(base: nn.Module, batches, scales) -> str:

@@ -195,3 +195,26 @@ def test_app_refuses_an_unknown_precision_in_one_line():
                          text=True, timeout=120)
     assert run.returncode == 2
     assert "precision must be one of" in run.stderr and "Traceback" not in run.stderr
+
+
+@pytest.mark.parametrize("size", [(65, 65), (13, 9), (3, 4)])  # rates 6-24: from all taps inside to centre only
+def test_aspp_as_shifted_taps_equals_the_dilated_convolutions(size):
+    from segcore.model import ASPP
+    from segcore.quantize import _aspp_taps, _TapASPP
+
+    torch.manual_seed(1)
+    aspp = ASPP(64, 21, [6, 12, 18, 24])
+    for conv in aspp.children():
+        torch.nn.init.normal_(conv.weight, std=0.05)
+        torch.nn.init.normal_(conv.bias, std=0.5)
+    scale = 4 / 255
+    qx = torch.randint(0, 256, (1, 64, *size), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref = aspp(qx.float() * scale)
+    got = _TapASPP(_aspp_taps(aspp, (scale, 0)))(qx)
+    assert got.shape == ref.shape
+    # only the weights are rounded (per tap and class, half a step each): a bound on the error of every score
+    weight_step = max(c.weight.abs().amax() for c in aspp.children()) / 127
+    bound = 0.5 * weight_step * (qx.float() * scale).sum(1).max() * 36
+    assert (got - ref).abs().max() <= bound
+    assert (got - ref).abs().mean() < 0.02 * ref.abs().mean()
