@@ -23,8 +23,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 TILE = 64  # the generated scenes' size, in training and in the test mosaics
-ITERATIONS = 600
-FINE_TUNE = 200  # iterations of the other class counts, started from the trained 21-class stand-in
+ITERATIONS = 2000
+FINE_TUNE = 300  # iterations of the other class counts, started from the trained 21-class stand-in
 
 
 def cache_dir() -> Path:
