@@ -126,3 +126,35 @@ def upscaled_images(run, dest, n: int, size: int = 256, split: str = "val"):
     for p in sources:
         Image.open(p).convert("RGB").resize((size, size), Image.BILINEAR).save(dest / p.name, quality=95)
     return sorted(dest.iterdir())
+
+
+def shape_bomb_checkpoints(folder) -> dict:
+    """Checkpoints of a few KB (``torch.save``'s zip adds about 1 KB) that describe enormous models."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    one = torch.zeros(1)
+    files = {
+        # a 2048x2048x3x3 weight, all views of one float: 38 M values (150 MB once copied) in 1 KB
+        "stride0": {"base.aspp.c0.weight": one.expand(2048, 2048, 3, 3)},
+        # zero-size tensors whose other dimensions set huge widths and class counts
+        "zero": {"base.aspp.c0.weight": torch.zeros(60000, 0, 3, 3),
+                 **{f"base.layer{s}.block1.increase.conv.weight": torch.zeros(60000, 0, 1, 1) for s in range(2, 6)},
+                 **{f"base.layer{s}.block1.reduce.conv.weight": torch.zeros(1, 0, 1, 1) for s in range(2, 6)}},
+        # small real tensors naming huge widths: the model would have billions of parameters
+        "wide": {"base.aspp.c0.weight": torch.zeros(2, 1, 1, 1),
+                 **{f"base.layer{s}.block1.increase.conv.weight": torch.zeros(8192, 1, 1, 1)
+                    for s in range(2, 6)},
+                 **{f"base.layer{s}.block{b}.reduce.conv.weight": torch.zeros(1, 1, 1, 1)
+                    for s in range(2, 6) for b in range(1, 64)}},
+        # a block index that would build twenty thousand blocks
+        "block20000": {"base.aspp.c0.weight": torch.zeros(2, 1, 1, 1),
+                       **{f"base.layer{s}.block1.increase.conv.weight": torch.zeros(4, 1, 1, 1) for s in range(2, 6)},
+                       "base.layer4.block20000.reduce.conv.weight": torch.zeros(1, 1, 1, 1)},
+    }
+    out = {}
+    for name, sd in files.items():
+        torch.save(sd, folder / f"{name}.pth")
+        out[name] = folder / f"{name}.pth"
+    return out

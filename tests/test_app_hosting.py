@@ -14,7 +14,7 @@ from pathlib import Path
 import gradio as gr
 import pytest
 from app_server import TEST_SIZE, running_server
-from factories import scene_image, tiny_checkpoint
+from factories import scene_image, shape_bomb_checkpoints, tiny_checkpoint
 from labelme_fixtures import costly_labelme, costly_request, generate_folder
 from PIL import Image
 from video_files import make_video
@@ -34,7 +34,7 @@ def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("hosting")
     with running_server(root / "server", tiny_checkpoint(root / "tiny.pth"), SEGCORE_TIME_LIMIT=TIME_LIMIT,
                         SEGCORE_MAX_VIDEO_SECONDS=60, SEGCORE_MAX_UNPACKED_BYTES=UNPACKED_BYTES) as (url, proc):
-        yield url, root / "server"
+        yield url, root / "server", proc
 
 
 def client(server) -> Client:
@@ -74,7 +74,7 @@ def test_same_name_uploads_belong_to_their_owner(server, tmp_path):
 
 
 def test_refused_checkpoint_is_deleted_at_once(server, tmp_path):
-    _, root = server
+    _, root, _ = server
     before = files_under(root / "app" / "checkpoints")
     bad = tmp_path / "final.pth"
     bad.write_bytes(b"PK\x03\x04 not a checkpoint at all" * 50)
@@ -83,6 +83,27 @@ def test_refused_checkpoint_is_deleted_at_once(server, tmp_path):
     assert files_under(root / "app" / "checkpoints") == before
     kept_by_gradio = [p for p in (root / "gradio").rglob("final.pth") if p.read_bytes() == bad.read_bytes()]
     assert kept_by_gradio == []
+
+
+def _rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.parametrize("kind,match", [("stride0", "backed by only 4 bytes"), ("zero", "zero-size shape"),
+                                        ("wide", "describes a model of"), ("block20000", "index 20000")])
+def test_shape_bomb_checkpoints_are_refused_without_building_them(server, tmp_path, kind, match):
+    """A few KB describing an enormous model: refused by its shapes, deleted, and the server's memory does not
+    jump (building it took 1.3-3 GB before the checks)."""
+    _, root, proc = server
+    bomb = shape_bomb_checkpoints(tmp_path)[kind]
+    before_files, before_rss = files_under(root / "app" / "checkpoints"), _rss_mib(proc.pid)
+    with pytest.raises(Exception, match=match):
+        client(server).predict(handle_file(str(bomb)), "auto", None, api_name="/upload_checkpoint")
+    assert files_under(root / "app" / "checkpoints") == before_files
+    assert _rss_mib(proc.pid) - before_rss < 200
 
 
 def test_shared_uploads_option(tmp_path):
@@ -97,7 +118,7 @@ def test_shared_uploads_option(tmp_path):
 
 
 def test_jobs_leave_only_their_results(server, tmp_path):
-    _, root = server
+    _, root, _ = server
     jobs = root / "app" / "jobs"
     c = client(server)
     before = files_under(jobs)
@@ -147,7 +168,7 @@ def test_long_audio_track_is_cut_to_the_video(server, tmp_path):
     from segcore.video import AUDIO_TAIL_SECONDS
     from video_files import audio_seconds, clip_with_long_audio
 
-    _, root = server
+    _, root, _ = server
     jobs, before = root / "app" / "jobs", files_under(root / "app" / "jobs")
     src = clip_with_long_audio(tmp_path / "long_audio.mp4", frames=3, fps=10, audio_seconds=60.0)
     assert audio_seconds(src) > 59 and _video_seconds(src) < 0.5  # a 0.3 s clip with a minute of sound
@@ -162,7 +183,7 @@ def test_long_audio_track_is_cut_to_the_video(server, tmp_path):
 
 
 def test_each_request_writes_its_own_result_files(server, tmp_path):
-    _, root = server
+    _, root, _ = server
     jobs = root / "app" / "jobs"
     image = png(tmp_path / "same.png")
     before = {p.name for p in jobs.glob("image-*")}
@@ -183,7 +204,7 @@ def test_each_request_writes_its_own_result_files(server, tmp_path):
 
 
 def test_other_clients_are_answered_while_a_hostile_request_runs(server, tmp_path):
-    url, root = server
+    url, root, _ = server
     jobs, before = root / "app" / "jobs", files_under(root / "app" / "jobs")
     upload = [handle_file(str(p)) for p in costly_request(tmp_path)]
     attacker, visitor = client(server), client(server)
@@ -333,7 +354,7 @@ def test_image_paths_outside_the_upload_are_never_read_and_say_nothing(server, t
 
 
 def test_zips_past_the_request_budget_are_refused_and_leave_nothing(server, tmp_path):
-    _, root = server
+    _, root, _ = server
     c = client(server)
     jobs, before = root / "app" / "jobs", files_under(root / "app" / "jobs")
     # three zips of 1.5 MB unpacked each (zeros: a few KB packed): each alone fits, together they do not

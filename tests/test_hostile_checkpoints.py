@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from factories import TINY_BLOCKS, TINY_WIDTH, tiny_model
+from factories import TINY_BLOCKS, TINY_WIDTH, shape_bomb_checkpoints, tiny_model
 
 import annotations
 from segcore import CheckpointError, Segmenter, build_model, load_model
@@ -33,39 +33,10 @@ def _published_keys(n_classes=21, blocks=(3, 4, 23, 3), width=(256, 512, 1024, 2
 # ----------------------------------------------------------------------------- hostile files of ~1 KB
 
 
-def _shape_bombs(folder: Path) -> dict[str, Path]:
-    """Checkpoints of a few KB (``torch.save``'s zip adds about 1 KB) that describe enormous models."""
-    folder.mkdir(parents=True, exist_ok=True)
-    one = torch.zeros(1)
-    files = {
-        # a 2048x2048x3x3 weight, all views of one float: 38 M values (150 MB once copied) in 1 KB
-        "stride0": {"base.aspp.c0.weight": one.expand(2048, 2048, 3, 3)},
-        # zero-size tensors whose other dimensions set huge widths and class counts
-        "zero": {"base.aspp.c0.weight": torch.zeros(60000, 0, 3, 3),
-                 **{f"base.layer{s}.block1.increase.conv.weight": torch.zeros(60000, 0, 1, 1) for s in range(2, 6)},
-                 **{f"base.layer{s}.block1.reduce.conv.weight": torch.zeros(1, 0, 1, 1) for s in range(2, 6)}},
-        # small real tensors naming huge widths: the model would have billions of parameters
-        "wide": {"base.aspp.c0.weight": torch.zeros(2, 1, 1, 1),
-                 **{f"base.layer{s}.block1.increase.conv.weight": torch.zeros(8192, 1, 1, 1)
-                    for s in range(2, 6)},
-                 **{f"base.layer{s}.block{b}.reduce.conv.weight": torch.zeros(1, 1, 1, 1)
-                    for s in range(2, 6) for b in range(1, 64)}},
-        # a block index that would build twenty thousand blocks
-        "block20000": {"base.aspp.c0.weight": torch.zeros(2, 1, 1, 1),
-                       **{f"base.layer{s}.block1.increase.conv.weight": torch.zeros(4, 1, 1, 1) for s in range(2, 6)},
-                       "base.layer4.block20000.reduce.conv.weight": torch.zeros(1, 1, 1, 1)},
-    }
-    out = {}
-    for name, sd in files.items():
-        torch.save(sd, folder / f"{name}.pth")
-        out[name] = folder / f"{name}.pth"
-    return out
-
-
 @pytest.mark.parametrize("kind,match", [("stride0", "backed by only 4 bytes"), ("zero", "zero-size shape"),
                                         ("wide", "describes a model of"), ("block20000", "index 20000")])
 def test_shape_bombs_are_refused_before_building(tmp_path, kind, match, monkeypatch):
-    path = _shape_bombs(tmp_path)[kind]
+    path = shape_bomb_checkpoints(tmp_path)[kind]
     if kind != "wide":
         assert path.stat().st_size < 4096
     built = []
@@ -79,7 +50,7 @@ def test_shape_bombs_are_refused_before_building(tmp_path, kind, match, monkeypa
 
 def test_shape_bombs_cost_bounded_memory(tmp_path):
     """Peak memory (VmHWM) of a fresh process refusing every shape bomb grows by less than 64 MB."""
-    files = _shape_bombs(tmp_path)
+    files = shape_bomb_checkpoints(tmp_path)
     code = textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(ROOT)!r})
