@@ -9,7 +9,7 @@ from collections import OrderedDict
 
 import gradio as gr
 
-import segcore
+from segcore.image import check_image_size
 
 from .common import UserError, user_errors
 from .panel import Context, model_for
@@ -39,7 +39,7 @@ class WebcamImage(gr.Image):
         source = None if payload is None else frame_source(payload)
         if source is not None:
             with user_errors("webcam frame"):
-                segcore.check_image_size(source, max_pixels=self.max_pixels, name="webcam frame")
+                check_image_size(source, max_pixels=self.max_pixels, name="webcam frame")
         return super().preprocess(payload)
 
 
