@@ -1,20 +1,21 @@
 """CPU int8 inference (issue 19): post-training static quantisation run as oneDNN int8 convolutions.
 
-The ResNet's convolutions run in int8 (VNNI / AMX), the rest as in the bf16 path (:mod:`segcore.fast`):
+The ResNet and the ASPP run in int8 (VNNI / AMX):
 
 * weights: per output channel, symmetric int8, from the BN-folded fp32 weights;
-* activations: one scale per tensor, unsigned 8-bit (every conv input in the ResNet follows a ReLU), set
-  from a calibration run over images (by default the photos shipped in ``segcore/calibration``);
-* each Bottleneck: its input is quantised once; the 1x1 reduce and the 3x3 conv write uint8 directly (ReLU
-  and requantisation fused into the conv); the 1x1 increase conv adds the shortcut and applies the ReLU in
-  the same kernel, writing **bf16**, so the residual stream (the sums across the 33 blocks) never goes
-  through 8 bits; a projection shortcut is an int8 conv writing bf16;
-* the 7x7 stem stays bf16 (3 input channels: nothing to gain), the ASPP classifier stays fp32.
+* activations: uint8, one scale per tensor (every conv input in the ResNet follows a ReLU), from the
+  min/max over calibration images (by default the photos shipped in ``segcore/calibration``);
+* each Bottleneck: three int8 convs writing uint8 directly (ReLU and requantisation fused in); the last
+  adds the shortcut (uint8 on its own grid) and applies the ReLU in the same kernel; a projection shortcut
+  is an int8 conv writing uint8 with a zero point;
+* the ASPP: one int8 1x1 conv over its 36 taps, then shifted fp32 sums (:class:`_TapASPP`);
+* the 7x7 stem stays bf16 (3 input channels: nothing to gain); a v3 head runs in fp32 on the
+  dequantised features.
 
 These are the kernels PyTorch's own x86 int8 path (PT2E quantisation lowered by Inductor) calls; calling
 them directly needs neither ``torch.compile`` nor a C++ compiler at run time. Calibration is the only slow
 step, so the quantised state (int8 weights and all scales) is cached per checkpoint and calibration set
-under ``$SEGCORE_HOME/int8`` and the second start skips it.
+under ``$SEGCORE_HOME/int8`` and the second start skips it. Measured figures: docs/performance.md#int8.
 """
 
 from __future__ import annotations
