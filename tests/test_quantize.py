@@ -183,8 +183,10 @@ def test_app_serves_int8(tmp_path):
         client = Client(url, verbose=False)
         result = client.predict(handle_file(str(tmp_path / "scene.png")), "tiny.pth", False, False, TEST_SIZE, 0.4,
                                 api_name="/segment_image")
-    expected = Segmenter.from_pretrained(str(checkpoint), scales=(), test_size=TEST_SIZE, device="cpu",
-                                         precision="int8").predict(rgb)
+    # the app calibrates when it loads the weights, at the model's own test size, whatever the request's
+    loaded = Segmenter.from_pretrained(str(checkpoint), device="cpu", precision="int8")
+    loaded.fast_path()
+    expected = loaded.with_options(scales=(), test_size=TEST_SIZE).predict(rgb)
     np.testing.assert_array_equal(np.asarray(Image.open(result[3])), expected.label_map)
     # the server ran the int8 path: it calibrated and cached the checkpoint's quantised weights
     assert len(list((tmp_path / "server" / "home" / "int8").glob("*.pt"))) == 1
@@ -218,3 +220,18 @@ def test_aspp_as_shifted_taps_equals_the_dilated_convolutions(size):
     bound = 0.5 * weight_step * (qx.float() * scale).sum(1).max() * 36
     assert (got - ref).abs().max() <= bound
     assert (got - ref).abs().mean() < 0.02 * ref.abs().mean()
+
+
+def test_the_app_quantises_when_it_loads_the_weights_and_says_so(tmp_path):
+    """The int8 calibration runs while the weights load, under the loading message, not inside a later
+    request: the quantised state is on disk before anything is segmented."""
+    from demo.models import ModelStore
+    from factories import tiny_checkpoint
+
+    store = ModelStore(str(tiny_checkpoint(tmp_path / "tiny.pth")), upload_dir=tmp_path / "uploads",
+                       device="cpu", precision="int8")
+    messages = []
+    segmenter = store.get(store.default, progress=lambda *a, desc="": messages.append(desc))
+    assert any("int8" in m for m in messages), messages
+    assert len(list(int8_cache_dir().glob("*.pt"))) == 1
+    assert segmenter.with_options(scales=(), test_size=65).fast_path() is segmenter.fast_path()
