@@ -50,26 +50,37 @@ def calibration_images() -> list[Path]:
 # -- calibration ----------------------------------------------------------------------------------------
 
 
-def _blocks(folded: nn.Module):
+def blocks_of(folded: nn.Module):
+    """(stem, every Bottleneck in order) of a DeepLab-v2 base."""
     layers = [m for name, m in folded.named_children() if name != "aspp"]
     return layers[0], [block for layer in layers[1:] for block in layer.children()]
 
 
 class _Observer:
-    """The widest value range each observed tensor takes over the calibration inputs.
+    """Each observed tensor's value range per channel over the calibration inputs.
 
     Plain min/max: on the trained stand-in and the smoke model, clipping the top 0.1% or 0.01% of values
-    (percentile calibration) kept fewer pixels, never more (docs/performance.md).
+    (percentile calibration) kept fewer pixels, never more (docs/performance.md). Kept per channel: the int8
+    path needs only each tensor's range (:func:`tensor_ranges`), the channel equalisation measured in
+    ``benchmarks/bench_int8_error.py`` needs the channels'.
     """
 
     def __init__(self):
-        self.ranges: dict[str, tuple[float, float]] = {}
+        self.channels: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, key: str, x: torch.Tensor) -> torch.Tensor:
-        lo, hi = torch.aminmax(x.detach())
-        old_lo, old_hi = self.ranges.get(key, (0.0, 1e-6))
-        self.ranges[key] = (min(old_lo, float(lo)), max(old_hi, float(hi)))
+        lo, hi = x.detach().float().amin(dim=(0, 2, 3)), x.detach().float().amax(dim=(0, 2, 3))
+        if key in self.channels:
+            old_lo, old_hi = self.channels[key]
+            lo, hi = torch.minimum(lo, old_lo), torch.maximum(hi, old_hi)
+        self.channels[key] = (lo, hi)
         return x
+
+
+def tensor_ranges(channels: dict) -> dict[str, tuple[float, float]]:
+    """Per-tensor (min, max) from per-channel ranges: what one uint8 grid per tensor has to cover."""
+    return {key: (min(0.0, float(lo.min())), max(1e-6, float(hi.max())))
+            for key, (lo, hi) in channels.items()}
 
 
 def _observed_forward(stem, blocks, aspp, observe: _Observer, x: torch.Tensor) -> torch.Tensor:
@@ -84,9 +95,10 @@ def _observed_forward(stem, blocks, aspp, observe: _Observer, x: torch.Tensor) -
 
 
 @torch.inference_mode()
-def calibrate(folded: nn.Module, batches, scales) -> dict[str, tuple[float, float]]:
-    """Value ranges of every quantised tensor of the folded fp32 model over ``batches`` at MSC ``scales``."""
-    stem, blocks = _blocks(folded)
+def calibrate(folded: nn.Module, batches, scales) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per-channel value ranges of every quantised tensor of the folded fp32 model over ``batches`` at MSC
+    ``scales``."""
+    stem, blocks = blocks_of(folded)
     observe = _Observer()
 
     class Observed(nn.Module):
@@ -95,7 +107,7 @@ def calibrate(folded: nn.Module, batches, scales) -> dict[str, tuple[float, floa
 
     for batch in batches:
         msc_forward(Observed(), batch, scales)
-    return observe.ranges
+    return observe.channels
 
 
 # -- the quantised model --------------------------------------------------------------------------------
@@ -234,10 +246,13 @@ def _aspp_taps(aspp: ASPP, input_grid) -> dict:
             "rates": [int(conv.dilation[0]) for conv in convs], "n_classes": aspp.n_classes}
 
 
-def quantize_folded(folded: nn.Module, ranges: dict) -> dict:
-    """The quantised state of a BN-folded v2 model (int8 weights, every grid): cacheable with ``torch.save``."""
-    stem, blocks = _blocks(folded)
-    grid = {k: uint8_params(*v) for k, v in ranges.items()}
+def quantize_folded(folded: nn.Module, channels: dict) -> dict:
+    """The quantised state of a BN-folded v2 model (int8 weights, every grid): cacheable with ``torch.save``.
+
+    ``channels``: the per-channel ranges :func:`calibrate` measured on this model.
+    """
+    stem, blocks = blocks_of(folded)
+    grid = {k: uint8_params(*v) for k, v in tensor_ranges(channels).items()}
     state = []
     for i, block in enumerate(blocks):
         projection = isinstance(block.shortcut, ConvBnReLU)
@@ -258,7 +273,7 @@ class Int8Model(nn.Module):
 
     def __init__(self, folded: nn.Module, quantized: dict):
         super().__init__()
-        self.net = Int8ResNet(_blocks(folded)[0], quantized)
+        self.net = Int8ResNet(blocks_of(folded)[0], quantized)
         self.head = None if quantized["aspp"] else folded.aspp
 
     def forward(self, x):

@@ -9,7 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+
+from benchmarks.bench_int8_error import equalize
+from factories import scene_image, tiny_model
+from segcore.fast import fold_batchnorm
+from segcore.quantize import calibrate, tensor_ranges
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,6 +46,13 @@ def test_quick_suite_writes_every_result(tmp_path):
         if isinstance(figures, dict) and "s" in figures:
             assert figures["vs_fp32_eager"] == pytest.approx(peers["fp32_eager"]["s"] / figures["s"], rel=0.1)
             assert 0.5 <= figures["agreement_min"] <= figures["agreement_mean"] <= 1.0
+    errors = records["int8_error"]["result"]
+    # the simulation rounds as the int8 kernels do: its "all" row is the real int8 path's figure, give or take
+    # the stem (bf16 in the real path) and accumulation order
+    for calibration in ("own calibration", "shipped photos"):
+        simulated = errors[calibration]["not equalised"]["all (the int8 path, simulated)"]
+        assert simulated == pytest.approx(errors["real paths"][f"int8, {calibration}"], abs=0.02)
+        assert all(0.5 <= v <= 1.0 for rows in errors[calibration].values() for v in rows.values())
     crf = records["crf"]["result"]
     for key in ("classes_21_synthetic", "classes_182_synthetic"):  # peaked inputs: the restricted CRF runs
         assert crf[key]["paths"][0].startswith("restricted") and crf[key]["agreement_min"] >= 0.999
@@ -74,3 +87,29 @@ def test_aspp_voc_comparison_script_runs_both_heads_end_to_end(tmp_path):
         assert yaml.safe_load((tmp_path / aspp / "config.yaml").read_text())["model"]["aspp"] == aspp
     assert result["v3"]["parameters"] > result["v2"]["parameters"]
     assert "| v3 |" in (tmp_path / "comparison.md").read_text()
+
+
+@pytest.mark.parametrize("aspp", ["v2", "v3"])
+def test_equalisation_keeps_the_function_and_evens_the_ranges(aspp):
+    """bench_int8_error's channel equalisation (measured, not adopted) is exact in real arithmetic: the
+    folded model's logits stay, the ranges it returns are the ones a fresh calibration measures, and every
+    live channel of an equalised tensor spans the same range (one grid wastes no levels on narrow ones)."""
+    folded = fold_batchnorm(tiny_model(21, seed=5, aspp=aspp).base)
+    x = torch.from_numpy(scene_image(70, 90, seed=2)).permute(2, 0, 1)[None].float() - 110
+    with torch.inference_mode():
+        before = folded(x)
+        measured = calibrate(folded, [x], (1.0,))
+        spread = {k: float(hi.max() / hi[hi > 0].min())
+                  for k, (_, hi) in measured.items() if k.endswith("reduce")}
+        predicted = equalize(folded, measured)
+        after = folded(x)
+        remeasured = calibrate(folded, [x], (1.0,))
+    assert torch.allclose(after, before, rtol=1e-4, atol=1e-4 * float(before.abs().max()))
+    for key, (lo, hi) in remeasured.items():
+        assert torch.allclose(predicted[key][1], hi, rtol=1e-4, atol=1e-6), key
+        assert torch.allclose(predicted[key][0], lo, rtol=1e-4, atol=1e-6), key
+    assert tensor_ranges(predicted).keys() == tensor_ranges(measured).keys()
+    for key, before_spread in spread.items():
+        hi = remeasured[key][1]
+        assert before_spread > 1.5 and float(hi.max() / hi[hi > 0].min()) < 1.001, key
+
