@@ -48,6 +48,9 @@ def status_text(store: ModelStore, name: str | None, owner: str | None = None) -
     if store.is_loaded(name):
         seg = store.get(name, owner=owner)
         return f"**Ready:** `{name}` is loaded, {seg.n_classes} classes, {seg.device}, {seg.precision}."
+    if store.precision == "int8":
+        return (f"**Ready:** `{name}` loads and is quantised to int8 on first use (up to a minute on a CPU, "
+                "seconds once cached), then stays loaded for every request.")
     return f"**Ready:** `{name}` loads on first use (a few seconds), then stays loaded for every request."
 
 

@@ -226,12 +226,15 @@ def test_the_app_quantises_when_it_loads_the_weights_and_says_so(tmp_path):
     """The int8 calibration runs while the weights load, under the loading message, not inside a later
     request: the quantised state is on disk before anything is segmented."""
     from demo.models import ModelStore
+    from demo.panel import status_text
     from factories import tiny_checkpoint
 
     store = ModelStore(str(tiny_checkpoint(tmp_path / "tiny.pth")), upload_dir=tmp_path / "uploads",
                        device="cpu", precision="int8")
+    assert "quantised to int8 on first use" in status_text(store, None)  # what the page says before
     messages = []
     segmenter = store.get(store.default, progress=lambda *a, desc="": messages.append(desc))
     assert any("int8" in m for m in messages), messages
     assert len(list(int8_cache_dir().glob("*.pt"))) == 1
     assert segmenter.with_options(scales=(), test_size=65).fast_path() is segmenter.fast_path()
+    assert status_text(store, None).endswith("cpu, int8.")
