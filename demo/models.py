@@ -138,9 +138,10 @@ class ModelStore:
                                                         device=self.device, precision=self.precision,
                                                         max_pixels=self.max_pixels)
                 seg.name = name
-                if self.precision == "int8":  # calibrate now (once per weights; cached on disk), under the lock
+                if self.precision == "int8":  # calibrate now, once per weights (cached on disk)
                     if progress is not None:
-                        progress(0.5, desc=f"Quantising the {name} weights to int8 (first use; kept for later starts)")
+                        progress(0.5, desc=f"Quantising the {name} weights to int8 "
+                                           "(first use; kept for later starts)")
                     seg.fast_path()
                 self._loaded[name] = seg
                 while len(self._loaded) > self.max_loaded:
