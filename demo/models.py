@@ -134,20 +134,28 @@ class ModelStore:
                     reg = src.registry
                     what = "Downloading and loading" if reg is not None and not reg.path.is_file() else "Loading"
                     progress(0.0, desc=f"{what} the {name} weights (first use)")
-                seg = segcore.Segmenter.from_pretrained(src.target, label_space=src.label_space,
-                                                        device=self.device, precision=self.precision,
-                                                        max_pixels=self.max_pixels)
-                seg.name = name
-                if self.precision == "int8":  # calibrate now, once per weights (cached on disk)
-                    if progress is not None:
-                        progress(0.5, desc=f"Quantising the {name} weights to int8 "
-                                           "(first use; kept for later starts)")
-                    seg.fast_path()
+                seg = self._load(name, src.target, src.label_space, progress)
                 self._loaded[name] = seg
                 while len(self._loaded) > self.max_loaded:
                     self._loaded.popitem(last=False)
             else:
                 self._loaded.move_to_end(name)
+        return seg
+
+    def _load(self, name: str, target, label_space, progress=None) -> segcore.Segmenter:
+        """A Segmenter for the checkpoint ``target``, ready to serve.
+
+        int8 weights are quantised here, once (cached on disk), under the loading message: no request waits
+        for it unexplained, and the calibration is the model's own, not the first request's test size.
+        """
+        seg = segcore.Segmenter.from_pretrained(target, label_space=label_space, device=self.device,
+                                                precision=self.precision, max_pixels=self.max_pixels)
+        seg.name = name
+        if seg.precision == "int8":
+            if progress is not None:
+                progress(0.5, desc=f"Quantising the {name} weights to int8 "
+                                   "(first use; kept for later starts)")
+            seg.fast_path()
         return seg
 
     def segmenter(self, name: str, *, multiscale: bool = True, crf: bool = False, test_size: int = 513,
@@ -157,7 +165,7 @@ class ModelStore:
         return base.with_options(scales=DEFAULT_SCALES if multiscale else (), crf=bool(crf),
                                  test_size=int(test_size))
 
-    def upload(self, path: str | Path, label_space: str | None = None, owner: str | None = None
+    def upload(self, path: str | Path, label_space: str | None = None, owner: str | None = None, progress=None
                ) -> tuple[str, segcore.Segmenter]:
         """Keep an uploaded checkpoint under its content digest, load it (which validates it), give it to ``owner``.
 
@@ -187,9 +195,7 @@ class ModelStore:
             with self._lock:
                 seg = self._loaded.get(name)
             if seg is None:
-                seg = segcore.Segmenter.from_pretrained(kept, label_space=label_space, device=self.device,
-                                                        precision=self.precision,
-                                                        max_pixels=self.max_pixels)
+                seg = self._load(name, kept, label_space, progress)
         except Exception:
             if not any(n for n, s in self._sources.items() if Path(s.target).parent == folder):
                 shutil.rmtree(folder, ignore_errors=True)  # refused, and nobody else's file: gone now

@@ -95,7 +95,7 @@ def build_panel(ctx: Context) -> None:
             None if label_set in (None, "", "auto") else label_set)
         progress(0.1, desc="Checking and loading the checkpoint")
         with user_errors(Path(paths[0]).name):
-            name, seg = store.upload(paths[0], label_space, owner=ctx.owners.owner())
+            name, seg = store.upload(paths[0], label_space, owner=ctx.owners.owner(), progress=progress)
         message = (f"**Ready:** `{name}` is loaded, {seg.n_classes} classes "
                    f"({', '.join(seg.class_names[:6])}{', …' if seg.n_classes > 6 else ''}).")
         return name, message

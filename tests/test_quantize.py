@@ -223,8 +223,8 @@ def test_aspp_as_shifted_taps_equals_the_dilated_convolutions(size):
 
 
 def test_the_app_quantises_when_it_loads_the_weights_and_says_so(tmp_path):
-    """The int8 calibration runs while the weights load, under the loading message, not inside a later
-    request: the quantised state is on disk before anything is segmented."""
+    """The int8 calibration runs while the weights load (registry or upload), under the loading message, not
+    inside a later request: the quantised state is on disk before anything is segmented."""
     from demo.models import ModelStore
     from demo.panel import status_text
     from factories import tiny_checkpoint
@@ -238,3 +238,9 @@ def test_the_app_quantises_when_it_loads_the_weights_and_says_so(tmp_path):
     assert len(list(int8_cache_dir().glob("*.pt"))) == 1
     assert segmenter.with_options(scales=(), test_size=65).fast_path() is segmenter.fast_path()
     assert status_text(store, None).endswith("cpu, int8.")
+    # an uploaded checkpoint is quantised the same way, while it is checked and loaded
+    messages.clear()
+    other = tiny_checkpoint(tmp_path / "other.pth", seed=7)
+    store.upload(other, progress=lambda *a, desc="": messages.append(desc))
+    assert any("int8" in m for m in messages), messages
+    assert len(list(int8_cache_dir().glob("*.pt"))) == 2
